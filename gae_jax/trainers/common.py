@@ -1,0 +1,163 @@
+"""Pieces every trainer shares: optimizer, train state, sharded init, step compile, logging.
+
+A trainer (teacher / autoencoder / flow) is a module with
+  `train_and_evaluate(config, workdir)` and `plan(config) -> dict` (the --dry_run plan),
+in the shape of big_vision/train.py: mesh -> data -> abstract state -> shardings -> sharded
+init or restore -> AOT-compiled step -> loop with metrics, image grids and checkpoints.
+"""
+
+import json
+import os
+from typing import Any, Callable, Optional
+
+from absl import logging
+import flax
+from flax import struct
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gae_jax import sharding as sharding_lib
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; frozen networks are passed separately."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array                    # raw uint32 key data; per-step keys by fold_in(step)
+  ema_params: Any = None
+  model_state: Any = None           # e.g. discriminator BatchNorm statistics
+
+
+def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0, then cosine decay to `end_lr`, or constant."""
+  warmup = int(opt.warmup_steps)
+  if opt.schedule == "cosine":
+    decay_steps = max(1, int(total_steps) - warmup)
+    main = optax.cosine_decay_schedule(opt.lr, decay_steps, alpha=opt.end_lr / opt.lr)
+  elif opt.schedule == "constant":
+    main = optax.constant_schedule(opt.lr)
+  else:
+    raise ValueError(f"unknown schedule {opt.schedule!r}: use 'cosine' or 'constant'")
+  if warmup <= 0:
+    return main
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, opt.lr, warmup), main], boundaries=[warmup])
+
+
+def decay_mask(params):
+  """No weight decay on vectors/scalars (norm scales, biases, logvar)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """(optional global-norm clipping) + AdamW with the schedule above."""
+  tx = optax.adamw(learning_rate_schedule(opt, total_steps), b1=opt.b1, b2=opt.b2,
+                   eps=opt.get("eps", 1e-8), weight_decay=opt.weight_decay, mask=decay_mask)
+  if opt.get("grad_clip"):
+    tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
+  return tx
+
+
+def ema_update(ema, params, decay: float):
+  return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+def global_norm(tree) -> jax.Array:
+  return optax.global_norm(tree)
+
+
+def compute_dtype(config) -> jnp.dtype:
+  """bf16 (or whatever the config says) on accelerators, float32 on CPU."""
+  name = config.compute_dtype
+  if jax.default_backend() == "cpu":
+    name = config.get("compute_dtype_cpu", "float32")
+  return jnp.dtype(name)
+
+
+def rng_from_seed(seed: int) -> jax.Array:
+  return jax.random.key_data(jax.random.key(seed))
+
+
+def step_rng(state_rng: jax.Array, step) -> jax.Array:
+  return jax.random.fold_in(jax.random.wrap_key_data(state_rng), step)
+
+
+def param_counts(params) -> dict:
+  """{top-level module: parameter count} of a (possibly abstract, possibly boxed) tree."""
+  params = nn.meta.unbox(params)
+  return {k: sharding_lib.tree_size(v) for k, v in params.items()}
+
+
+def sharded_init(init_fn: Callable[[], Any], mesh, rules, mode: str = "logical"):
+  """Shapes first: eval_shape -> shardings from logical rules -> jitted init with out_shardings.
+
+  `init_fn` returns a (possibly boxed) pytree; returns (unboxed arrays, their shardings).
+  """
+  abstract = jax.eval_shape(init_fn)
+  shardings = sharding_lib.tree_shardings(abstract, mesh, rules, mode)
+  with jax.set_mesh(mesh):
+    values = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
+  return values, shardings
+
+
+def abstract_with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(abstract), shardings)
+
+
+def compile_step(step_fn, state_shardings, in_shardings_rest, out_metrics_sharding,
+                 abstract_args, mesh, donate: bool = True, name: str = "train_step"):
+  """AOT: jit with shardings (+ donation of the state), lower, compile; logs memory use."""
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, *in_shardings_rest),
+                   out_shardings=(state_shardings, out_metrics_sharding),
+                   donate_argnums=(0,) if donate else ())
+  with jax.set_mesh(mesh):
+    compiled = jitted.lower(*abstract_args).compile()
+  try:
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      logging.info("%s memory: args %.1f MiB, temps %.1f MiB, outputs %.1f MiB", name,
+                   mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
+                   mem.output_size_in_bytes / 2**20)
+  except Exception:  # memory_analysis is unsupported on some backends
+    pass
+  return compiled
+
+
+def write_config(config, workdir: str):
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def write_plan(workdir: str, plan: dict) -> str:
+  path = os.path.join(workdir, "plan.json")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(plan, f, indent=2)
+  return path
+
+
+def mesh_plan(mesh) -> dict:
+  return {"axes": dict(mesh.shape), "devices": int(mesh.size),
+          "processes": jax.process_count(), "platform": jax.default_backend()}
+
+
+def host_metrics(metrics) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def to_host_images(x: jax.Array) -> np.ndarray:
+  """Gathers a (possibly sharded, multi-host) image batch to host numpy."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x))
