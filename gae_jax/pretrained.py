@@ -28,6 +28,7 @@ from gae_jax.models import vit
 
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 
+
 def resize_bicubic_torch(images: jax.Array, size: int) -> jax.Array:
   """NHWC resize equal to torch F.interpolate(mode='bicubic', align_corners=False).
 
@@ -78,11 +79,15 @@ def _variant_name(width: int, depth: int, heads: int) -> Optional[str]:
 def build_gae(config: ml_collections.ConfigDict, dtype=jnp.float32) -> gae_lib.GAE:
   """The GAE module from explicit sizes (any width/depth, not only the variant table)."""
   c = config
+  attention_impl = c.get("attention_impl")
+  if attention_impl == "cudnn" and jax.default_backend() != "gpu":
+    logging.info("build_gae: attention_impl 'cudnn' needs a GPU; using the XLA attention")
+    attention_impl = None
   return gae_lib.GAE(width=c.width, depth=c.depth, num_heads=c.num_heads,
                      decoder_width=c.decoder_width, decoder_depth=c.decoder_depth,
                      decoder_num_heads=c.decoder_num_heads, patch_size=c.patch_size,
                      latent_dim=c.latent_dim, sigma_std=c.sigma_std, kl=c.kl,
-                     qk_norm=c.qk_norm, attention_impl=c.get("attention_impl"), remat="none",
+                     qk_norm=c.qk_norm, attention_impl=attention_impl, remat="none",
                      scan=c.scan, dtype=dtype)
 
 

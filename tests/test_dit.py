@@ -1,5 +1,6 @@
 """LightningDiT: shapes, adaLN-Zero, label dropout, parameter count, RoPE, pos-embed, scan."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -26,20 +27,31 @@ def _inputs(b=2, size=8, c=8):
   return x, jnp.linspace(0.1, 0.9, b), jnp.arange(b) % NUM_CLASSES
 
 
+@pytest.fixture(scope="module")
+def mu2():
+  """(model, params at init, jitted apply) for mu/2, shared to keep compiles few."""
+  model = _mu(2)
+  x, t, y = _inputs()
+  return model, _init(model, x, t, y), jax.jit(model.apply)
+
+
 def _randomize(params, scale=0.05):
-  """Replace every leaf by noise so the zero-init output layers stop hiding the trunk."""
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(42), len(leaves))
-  return jax.tree.unflatten(tree, [l + scale * jax.random.normal(k, l.shape)
-                                   for k, l in zip(keys, leaves)])
+  """Add noise to every leaf so the zero-init output layers stop hiding the trunk
+  (numpy RNG: no per-shape compiles)."""
+  rng = np.random.default_rng(42)
+  return jax.tree.map(
+      lambda l: jnp.asarray(np.asarray(l) + scale * rng.standard_normal(l.shape), l.dtype),
+      params)
 
 
 @pytest.mark.parametrize("patch", [1, 2])
-def test_shapes_and_adaln_zero(patch):
-  model = _mu(patch)
+def test_shapes_and_adaln_zero(patch, mu2):
   x, t, y = _inputs()
-  params = _init(model, x, t, y)
-  apply = jax.jit(model.apply)
+  if patch == 2:
+    model, params, apply = mu2
+  else:
+    model = _mu(1)
+    params, apply = _init(model, x, t, y), jax.jit(model.apply)
   out = apply(params, x, t, y)
   assert out.shape == x.shape and out.dtype == jnp.float32
   assert np.all(np.asarray(out) == 0.0)     # adaLN-Zero: exactly zero at init
@@ -57,18 +69,18 @@ def test_shapes_and_adaln_zero(patch):
   assert not np.allclose(out, apply(rp, x, t, (y + 1) % NUM_CLASSES))
 
 
-def test_unpatchify_layout_patch2():
+def test_unpatchify_layout_patch2(mu2):
   # Patch conv = identity onto channels [0, 32) in (p, q, c) order, blocks silent (zero
   # gates), zero modulation, final linear = pass channels [0, 32) through: the output
   # pixel (2i+p, 2j+q, c) must be channel p*16+q*8+c of the normalised token (i, j).
-  model = _mu(2)
+  model, params, apply = mu2
   x, t, y = _inputs()
-  p = _init(model, x, t, y)["params"]
+  p = jax.tree.map(lambda a: a, params)["params"]
   k = np.zeros((32, 64), np.float32)
   k[np.arange(32), np.arange(32)] = 1.0
   p["x_embedder"]["kernel"] = jnp.asarray(k.reshape(2, 2, 8, 64))
   p["final_layer"]["linear"]["kernel"] = jnp.eye(64, 32)
-  out = np.asarray(jax.jit(model.apply)({"params": p}, x, t, y))
+  out = np.asarray(apply({"params": p}, x, t, y))
   xn = np.asarray(x)
   tok = np.zeros((2, 4, 4, 64), np.float32)
   for i in range(4):
@@ -109,18 +121,17 @@ def test_label_dropout_and_force_drop():
     nodrop.init(jax.random.key(0), labels[:2], force_drop_ids=force[:2])
 
 
-def test_model_train_dropout_uses_rng_and_null_label():
-  model = _mu(2)
-  x, t, y = _inputs(b=4)
-  params = _randomize(_init(model, x, t, y))
+def test_model_force_drop_and_dropout_rng(mu2):
+  model, params, apply = mu2
+  x, t, y = _inputs()
+  params = _randomize(params)
   assert model.null_label == NUM_CLASSES
-  forced = model.apply(params, x, t, y, force_drop_ids=jnp.ones(4, jnp.int32))
-  null = model.apply(params, x, t, jnp.full((4,), NUM_CLASSES))
-  assert not np.allclose(forced, model.apply(params, x, t, y))
-  np.testing.assert_allclose(forced, null, atol=1e-6)
-  with pytest.raises(Exception):   # train=True needs the 'dropout' rng stream
-    model.apply(params, x, t, y, train=True)
-  model.apply(params, x, t, y, train=True, rngs={"dropout": jax.random.key(0)})
+  forced = apply(params, x, t, y, force_drop_ids=jnp.ones(2, jnp.int32))
+  np.testing.assert_allclose(forced, apply(params, x, t, jnp.full((2,), NUM_CLASSES)),
+                             atol=1e-6)
+  assert not np.allclose(forced, apply(params, x, t, y))
+  with pytest.raises(Exception, match="dropout"):   # train=True needs the 'dropout' rng
+    jax.jit(functools.partial(model.apply, train=True))(params, x, t, y)
 
 
 def test_xl_param_count_matches_paper():
@@ -181,27 +192,41 @@ def test_sincos_pos_embed_layout_and_timestep_embedding():
                               math.sin(0.5 * f1)], rtol=1e-5)
 
 
-def test_scan_remat_qknorm_match_unrolled():
+def test_scan_remat_qknorm_match_unrolled(mu2):
   x, t, y = _inputs()
-  base = _mu(2, qk_norm=True)
-  params = _randomize(_init(base, x, t, y))["params"]
-  assert params["blocks_0"]["attn"]["q_norm"]["scale"].shape == (16,)
-  ref = base.apply({"params": params}, x, t, y)
-  out = _mu(2, qk_norm=True, remat="full").apply({"params": params}, x, t, y)
+  _, params, _ = mu2
+  shapes = nn.meta.unbox(jax.eval_shape(_mu(2, qk_norm=True).init, jax.random.key(0), x, t, y))
+  assert shapes["params"]["blocks_0"]["attn"]["q_norm"]["scale"].shape == (16,)
+  # Add the learned per-head-dim q/k RMSNorm weights to the shared init, then randomise.
+  params = jax.tree.map(lambda a: a, params)["params"]
+  for i in range(2):
+    params[f"blocks_{i}"]["attn"]["q_norm"] = {"scale": jnp.ones(16)}
+    params[f"blocks_{i}"]["attn"]["k_norm"] = {"scale": jnp.ones(16)}
+  params = _randomize(params, scale=0.2)
+  ref = jax.jit(_mu(2, qk_norm=True).apply)({"params": params}, x, t, y)
+  out = jax.jit(_mu(2, qk_norm=True, remat="full").apply)({"params": params}, x, t, y)
   np.testing.assert_allclose(out, ref, atol=1e-5)
   scanned = {k: v for k, v in params.items() if not k.startswith("blocks_")}
   scanned["blocks"] = jax.tree.map(lambda *a: jnp.stack(a),
                                    *[params[f"blocks_{i}"] for i in range(2)])
-  out = _mu(2, qk_norm=True, scan=True, remat="dots").apply({"params": scanned}, x, t, y)
+  out = jax.jit(_mu(2, qk_norm=True, scan=True, remat="dots").apply)(
+      {"params": scanned}, x, t, y)
   np.testing.assert_allclose(out, ref, atol=1e-5)
+  # QK-norm weights are used: changing them changes the output.
+  params["blocks_0"]["attn"]["q_norm"]["scale"] = 3 * params["blocks_0"]["attn"]["q_norm"][
+      "scale"]
+  assert not np.allclose(ref, jax.jit(_mu(2, qk_norm=True).apply)({"params": params}, x, t,
+                                                                   y), atol=1e-4)
 
 
 def test_bad_inputs():
   model = _mu(2)
   x, t, y = _inputs()
   with pytest.raises(ValueError, match="in_channels|shape"):
-    model.init(jax.random.key(0), x[..., :4], t, y)
+    jax.eval_shape(model.init, jax.random.key(0), x[..., :4], t, y)
   with pytest.raises(ValueError, match="divisible"):
-    model.init(jax.random.key(0), x[:, :7, :7], t, y)
+    jax.eval_shape(model.init, jax.random.key(0), x[:, :7, :7], t, y)
+  with pytest.raises(ValueError, match="shape"):
+    jax.eval_shape(model.init, jax.random.key(0), x, t[:1], y)
   with pytest.raises(ValueError, match="unknown LightningDiT variant"):
     dit.decode_variant("XXL/1")

@@ -14,10 +14,12 @@ read from the shapes. Any missing, unexpected or mis-shaped key raises a ValueEr
 """
 
 from collections.abc import Mapping
+import functools
 import math
 import re
 from typing import Any, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,7 +171,7 @@ def _rules(layout: str, p: str, depth: int, ffn: str, num_registers: int, width:
 def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
   if key not in sd:
     raise ValueError(f"checkpoint: missing key {key!r}")
-  return tuple(np.shape(sd[key]))
+  return tuple(getattr(sd[key], "shape", None) or np.shape(sd[key]))
 
 
 def infer_config(state_dict: Mapping[str, Any], prefix: Optional[str] = None,
@@ -224,10 +226,16 @@ def infer_config(state_dict: Mapping[str, Any], prefix: Optional[str] = None,
 
 def param_shapes(info: Mapping[str, Any]) -> dict:
   """The DinoV2(**info) parameter tree as ShapeDtypeStructs (no compute, no memory)."""
+  return _param_shapes(tuple(sorted(info.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(items: tuple) -> dict:
+  info = dict(items)
   model = dinov2_lib.DinoV2(**info)
-  side = info.get("patch_size", 14) * 2
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  side = info.get("patch_size", 14)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
   return nn.unbox(shapes)["params"]
 
 
@@ -268,19 +276,24 @@ def load_dinov2_params(path, *, subkey=None, prefix: Optional[str] = None,
     raise ValueError(f"{path}: {e}") from e
 
 
-def to_torch_hub(params: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Exports DinoV2 params to the torch-hub key layout (inverse of `convert_dinov2`)."""
+def to_torch_hub(params: Mapping[str, Any], info: Mapping[str, Any], *,
+                 contiguous: bool = True) -> dict[str, np.ndarray]:
+  """Exports DinoV2 params to the torch-hub key layout (inverse of `convert_dinov2`).
+
+  Arrays are float32 numpy; contiguous=False returns transposed views (no copies).
+  """
   cfg = dinov2_lib.resolve_config(info.get("variant"), width=info.get("width"),
                                   depth=info.get("depth"), num_heads=info.get("num_heads"),
                                   ffn=info.get("ffn"))
   width = cfg["width"]
   np_ = lambda a: np.asarray(a, np.float32)
-  lin = lambda k: np.ascontiguousarray(np_(k).reshape(-1, np_(k).shape[-1]).T)
+  c = np.ascontiguousarray if contiguous else (lambda a: a)
+  lin = lambda k: c(np_(k).reshape(-1, np_(k).shape[-1]).T)
   sd = {"cls_token": np_(params["cls_token"]), "pos_embed": np_(params["pos_embed"]),
         "mask_token": np.zeros((1, width), np.float32)}
   if "register_tokens" in params:
     sd["register_tokens"] = np_(params["register_tokens"])
-  sd["patch_embed.proj.weight"] = np.ascontiguousarray(
+  sd["patch_embed.proj.weight"] = c(
       np_(params["patch_embed"]["kernel"]).transpose(3, 2, 0, 1))
   sd["patch_embed.proj.bias"] = np_(params["patch_embed"]["bias"])
   for i in range(cfg["depth"]):
@@ -288,7 +301,7 @@ def to_torch_hub(params: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str
     for n in ("norm1", "norm2"):
       sd[f"{s}{n}.weight"] = np_(b[n]["scale"])
       sd[f"{s}{n}.bias"] = np_(b[n]["bias"])
-    sd[f"{s}attn.qkv.weight"] = np.ascontiguousarray(
+    sd[f"{s}attn.qkv.weight"] = c(
         np_(b["attn"]["qkv"]["kernel"]).reshape(width, -1).T)
     sd[f"{s}attn.qkv.bias"] = np_(b["attn"]["qkv"]["bias"]).reshape(-1)
     sd[f"{s}attn.proj.weight"] = lin(b["attn"]["proj"]["kernel"])

@@ -45,6 +45,8 @@ def _to_numpy(v: Any) -> np.ndarray:
 def _find_prefix(state_dict: Mapping[str, Any]) -> str:
   """'' normally; a wrapper prefix such as 'module.' or 'model.' if every key has it."""
   anchor = ENC + "patch_embed.weight"
+  if anchor in state_dict:
+    return ""
   for k in state_dict:
     if k.endswith(anchor):
       return k[: -len(anchor)]

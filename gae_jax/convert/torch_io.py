@@ -163,7 +163,7 @@ def check_and_set(params: dict, key_path: Union[str, Sequence[str]], array: Any,
     expected_shape = node[parts[-1]].shape
   shape = tuple(np.shape(array))
   if expected_shape is not None and shape != tuple(expected_shape):
-    raise ValueError(f"{torch_key}: shape {shape} does not match the model parameter "
+    raise ValueError(f"{torch_key}: converted shape {shape} does not match the model parameter "
                      f"{'/'.join(parts)} of shape {tuple(expected_shape)}")
   node[parts[-1]] = array
 
@@ -251,7 +251,7 @@ def apply_rules(state_dict: Mapping[str, np.ndarray], rules: Sequence[Rule],
       raise ValueError(f"{source}: cannot map {shapes} onto {rule.target}"
                        f"{'' if expected is None else f' of shape {tuple(expected)}'}: {e}"
                        ) from e
-    torch_key = ", ".join(f"{k} {a.shape}" for k, a in zip(rule.sources, arrays))
+    torch_key = f"{source}: " + ", ".join(f"{k} {a.shape}" for k, a in zip(rule.sources, arrays))
     check_and_set(params, rule.target, np.asarray(value, dtype=dtype), torch_key, expected)
   if reference is not None:
     check_tree_matches(params, reference, source)

@@ -159,6 +159,27 @@ class AttentionOnlyBlock(nn.Module):
 # ----------------------------------------------------------------------------- downsamplers
 
 
+class WindowedLinear(nn.Module):
+  """Alg. 1 patch conv: w x w windows, flatten (wy, wx, c) -> Linear(w^2 C -> w^2 d, no
+  bias) -> reverse windows. (B, H, W, C) -> (B, H, W, d); w = 1 is a per-token linear."""
+  features: int
+  window: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    win = self.window
+    if win < 1 or h % win or w % win:
+      raise ValueError(f"feature grid {h}x{w} is not divisible by window {win}")
+    kernel = self.param("kernel", layers.dense_init(("embed", "latent")),
+                        (win * win * c, win * win * self.features), self.param_dtype)
+    x = window_partition(x.astype(self.dtype), win)             # (B*nW, w^2, C)
+    y = x.reshape(x.shape[0], win * win * c) @ kernel.astype(self.dtype)
+    return window_reverse(y.reshape(x.shape[0], win * win, self.features), win, h, w)
+
+
 class AttnPatchConvDownsampler(nn.Module):
   """Alg. 1: pos-embed -> attention-only block -> RMSNorm -> windowed linear -> RMSNorm(d).
 
@@ -187,12 +208,8 @@ class AttnPatchConvDownsampler(nn.Module):
                            attention_impl=self.attention_impl, dtype=self.dtype,
                            param_dtype=self.param_dtype, name="projector_block")(x)
     x = layers.RMSNorm(dtype=self.dtype, name="norm_neck1")(x)
-    x = window_partition(x.reshape(b, h, w, c), win)            # (B*nW, w^2, C)
-    x = x.reshape(x.shape[0], win * win * c)
-    x = nn.Dense(win * win * self.latent_dim, use_bias=False, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="to_latent",
-                 kernel_init=layers.dense_init(("embed", "latent")))(x)
-    x = window_reverse(x.reshape(x.shape[0], win * win, self.latent_dim), win, h, w)
+    x = WindowedLinear(self.latent_dim, win, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="to_latent")(x.reshape(b, h, w, c))
     return layers.RMSNorm(dtype=jnp.float32, name="norm_neck2")(x)
 
 

@@ -69,7 +69,7 @@ def ema_update(ema, params, decay: float):
 
 
 def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def compute_dtype(config) -> jnp.dtype:
