@@ -21,8 +21,9 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int, keep: int = 3,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    self.save_every = max(1, int(save_every))
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, int(save_every)), max_to_keep=keep, create=True,
+        save_interval_steps=self.save_every, max_to_keep=keep, create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data_iter"), options=options)
@@ -35,7 +36,8 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iter: Any = None, *, force: bool = False) -> bool:
     """Saves when the interval says so, on preemption, or when forced."""
-    if not (force or self.manager.should_save(step) or self.manager.reached_preemption(step)):
+    force = force or step % self.save_every == 0 or self.manager.reached_preemption(step)
+    if not force:
       return False
     items = dict(state=ocp.args.StandardSave(state))
     if data_iter is not None:

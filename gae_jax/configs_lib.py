@@ -143,7 +143,8 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
     c.optim.warmup_steps = 10
     c.optim.lr, c.optim.end_lr = 1e-3, 1e-4
     c.disc_optim.lr, c.disc_optim.end_lr = 1e-4, 1e-5
-    c.loss.disc_start = 80
+    c.loss.disc_start = 90          # GAN for the last 30 steps, gentler than the paper's 0.5
+    c.loss.disc_weight = 0.1
     c.log_every = 10
     c.image_every = 60
     c.ckpt_every = 60
