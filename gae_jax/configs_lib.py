@@ -131,6 +131,7 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
   c.data.source = a.source
   c.data.root = a.root
   c.data.image_size = 256
+  c.data.num_workers = 8          # grain worker processes per host (TPU VM hosts have many cores)
   c.model.remat = "dots_no_batch" if a.variant == "L" else "none"
   if a.runlocal:
     c.model.variant = c.model.decoder_variant = "mu"

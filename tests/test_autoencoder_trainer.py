@@ -85,6 +85,17 @@ def test_train_resume_and_identical_next_batch(tmp_path):
   np.testing.assert_array_equal(got["label"], expected["label"])
   ckpt.close()
 
+  # config.init_from: a fresh run starts its generator from that workdir's weights.
+  fresh = s.init_state()
+  warm = autoencoder.init_from_pretrained(fresh, s, workdir)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(warm.params["generator"]["gae"]),
+               jax.device_get(state.params["generator"]["gae"]))
+  with pytest.raises(ValueError, match="shape"):
+    other = tiny_config()
+    other.model.latent_dim = 4
+    s_other = autoencoder.Setup(other)
+    autoencoder.init_from_pretrained(s_other.init_state(), s_other, workdir)
+
   # Running again with more steps resumes at the saved step rather than restarting.
   config.total_steps = 3
   autoencoder.train_and_evaluate(config, workdir)

@@ -270,8 +270,8 @@ def test_matches_released_forward_in_torch():
                    "decoder_layers_0": {
                        "attn": {"qkv": qkv(W["dqkv"]), "proj": proj(W["dproj"])},
                        "mlp": {k: {"kernel": n(W[k].T)} for k in ("fc1", "gate", "fc2")}}}}
-  m = T.SemanticTeacher(channels=c, latent_dim=d, window=w, decoder_depth=1,
-                        decoder_mlp_hidden=hid)
+  m = T.SemanticTeacher(channels=c, latent_dim=d, window=w, num_heads=heads,
+                        decoder_depth=1, decoder_num_heads=heads, decoder_mlp_hidden=hid)
   fj = n(feat).reshape(2, 4, 4, c)
   shapes_ok = jax.eval_shape(m.init, jax.random.key(0), fj)["params"]
   assert jax.tree.structure(nn.unbox(shapes_ok)) == jax.tree.structure(p)

@@ -88,13 +88,28 @@ class GAE(nn.Module):
 
 
 def make_gae(model_config, dtype=jnp.float32, param_dtype=jnp.float32) -> GAE:
-  """Builds the GAE from a `config.model` ConfigDict (see gae_jax.configs_lib)."""
+  """Builds the GAE from a `config.model` ConfigDict (see gae_jax.configs_lib).
+
+  Sizes come from `variant` / `decoder_variant` (vit.VARIANTS) unless explicit `width`,
+  `depth`, `num_heads` (and `decoder_*`) fields are set, as in converted checkpoints.
+  """
   c = model_config
-  enc = vit.decode_variant(c.variant)
-  dec = vit.decode_variant(c.get("decoder_variant") or c.variant)
+  def sizes(prefix, variant):
+    table = vit.decode_variant(variant) if variant else {}
+    out = {}
+    for k in ("width", "depth", "num_heads"):
+      v = c.get(prefix + k)
+      if v is None:
+        if not table:
+          raise ValueError(f"model config needs '{prefix}{k}' or a variant")
+        v = table[k]
+      out[k] = v
+    return out
+  enc = sizes("", c.get("variant"))
+  dec = sizes("decoder_", c.get("decoder_variant") or c.get("variant"))
   return GAE(width=enc["width"], depth=enc["depth"], num_heads=enc["num_heads"],
              decoder_width=dec["width"], decoder_depth=dec["depth"],
              decoder_num_heads=dec["num_heads"], patch_size=c.patch_size,
              latent_dim=c.latent_dim, sigma_std=c.sigma_std, kl=c.kl, qk_norm=c.qk_norm,
-             attention_impl=c.get("attention_impl"), remat=c.remat, scan=c.scan,
-             dtype=dtype, param_dtype=param_dtype)
+             attention_impl=c.get("attention_impl"), remat=c.get("remat", "none"),
+             scan=c.get("scan", False), dtype=dtype, param_dtype=param_dtype)

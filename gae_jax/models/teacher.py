@@ -10,6 +10,8 @@ Downsampler variants (`make_downsampler(kind, ...)`, paper Tab. 2 / Tab. 1):
                   RMSNorm -> windowed linear (w x w windows, w^2*C -> w^2*d, no bias) ->
                   RMSNorm(d). w = 1 in the released code.
   attn_linear     the same with one per-token linear C -> d shared by all tokens (= w = 1).
+                  With w = 1 the two coincide, so the Tab. 2 gap (63.4 vs 75.6 LP) implies
+                  the paper's patch conv used w > 1; Tab. 13's count points to w = 4 (below).
   attn            "Single Attn" (FAE): x + pos -> attention whose output projection maps
                   straight to d -> RMSNorm(d).
   svd             fixed projection (x - mean) @ V_d -> RMSNorm(d); mean and V_d live in the

@@ -262,6 +262,37 @@ class Setup:
     return sharding_lib.to_global(next(iter(it)), self.data_sharding)
 
 
+def init_from_pretrained(state, setup: "Setup", path: str):
+  """Starts the generator from a GAE checkpoint (gae_jax dir or the authors' `.ckpt`).
+
+  Every parameter must be present with the model's shape (a ValueError names the first
+  that is not); the discriminator, logvar and optimizer start fresh.
+  """
+  from gae_jax import pretrained
+  params, _ = pretrained.load_gae_params(path)
+  current = state.params["generator"]["gae"]
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(current)}
+  got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  for key, shape in want.items():
+    if key not in got:
+      raise ValueError(f"config.init_from={path}: parameter {key} is missing")
+    if tuple(got[key]) != tuple(shape):
+      raise ValueError(f"config.init_from={path}: parameter {key} has shape {got[key]}, "
+                       f"the model wants {shape}")
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise ValueError(f"config.init_from={path}: parameters the model lacks: {extra[:5]}")
+  shardings = setup.state_shardings.params["generator"]["gae"]
+  loaded = jax.tree.map(lambda a, cur, sh: jax.device_put(np.asarray(a, cur.dtype), sh),
+                        params, current, shardings)
+  logging.info("Initialised the GAE from %s", path)
+  gen = {**state.params["generator"], "gae": loaded}
+  ema = state.ema_params
+  if ema is not None:
+    ema = {**ema, "gae": loaded}
+  return state.replace(params={**state.params, "generator": gen}, ema_params=ema)
+
+
 def plan(config) -> dict:
   """--dry_run: every top-level module's parameter count without allocating anything."""
   s = Setup(config)
@@ -296,7 +327,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     state = s.init_state()
     if config.get("init_from"):
-      raise NotImplementedError("config.init_from for the autoencoder needs gae_jax.pretrained")
+      state = init_from_pretrained(state, s, config.init_from)
+  if int(state.step) >= config.total_steps:
+    logging.info("Checkpoint step %d already reaches total_steps=%d: nothing to do",
+                 int(state.step), config.total_steps)
+    ckpt.close()
+    return {}
   compiled = s.compile_train_step(frozen)
   eval_fn = s.eval_fn()
   eval_batch = s.eval_batch()
