@@ -113,9 +113,16 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
       disc_weight=0.5, disc_start=5001, adaptive_disc_weight=False, disc_loss="hinge",
       disc_layers=3, disc_ndf=64,
       kl_weight=0.1 if a.kl else 0.0,          # paper Tab. 7 KL-VAE weight
-      sp_weight=1.0))                          # lambda_sp; active once a teacher is set
+      sp_weight=1.0,                           # lambda_sp; active once a teacher is set
+      sp_align="latent"))                      # Tab. 1: latent (GAE) | pre | post
+  # L_sp's frozen side. init_from: a stage-1 teacher workdir / converted dir or the
+  # authors' latest.pth (needed for 'latent'); vfm/vfm_weights/vfm_image_size: the VFM for
+  # 'pre'/'post' (default: the teacher's own). Each VFM gets the images at its own size.
   c.teacher = ml_collections.ConfigDict(dict(
-      init_from=ml_collections.FieldReference(None, field_type=str)))
+      init_from=ml_collections.FieldReference(None, field_type=str),
+      vfm=ml_collections.FieldReference(None, field_type=str),
+      vfm_weights=ml_collections.FieldReference(None, field_type=str),
+      vfm_image_size=0))
   # Paper Tab. 13: AdamW, 2e-4 -> 2e-5 cosine, warm-up 8000, betas (0.9, 0.98),
   # batch 1024, 250k iterations. Weight decay is not given for the AE: 0.05 as the teacher.
   c.optim = optimizer_config(2e-4, end_lr=2e-5, warmup_steps=8000, b1=0.9, b2=0.98,
@@ -151,4 +158,299 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
     c.ckpt_every = 60
     c.num_eval_images = 8
     c.model.remat = "none"
+  return c
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 3: latent cache, LightningDiT flow matching, sampling.
+
+
+def cache_latents_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """`stage = "cache_latents"`: encode a dataset with a GAE (z = mu) into a latent cache.
+
+  arg: 'runlocal' (embedded photos, random crops, tiny shards), 'gae=<path>',
+  'source=embedded|folder|tfds', 'root=...', 'split=train', 'shard_size=10000'.
+  The cache is written to --workdir (point `config.data.cache_dir` of a flow run there).
+  """
+  from gae_jax.data import pipeline  # late import: configs stay light to parse
+  a = parse_arg(arg, runlocal=False, gae="", source="tfds", root="", split="train",
+                shard_size=10_000)
+  c = common_config("cache_latents")
+  c.gae = ml_collections.ConfigDict(dict(
+      init_from=ml_collections.FieldReference(a.gae or None, field_type=str)))
+  c.data = pipeline.default_data_config()
+  c.data.source = a.source
+  c.data.root = a.root
+  c.data.image_size = 0          # 0: the GAE's image size
+  c.data.random_flip = False     # flips are stored explicitly (latent_flip)
+  c.data.num_workers = 0
+  c.cache = ml_collections.ConfigDict(dict(
+      split=a.split,
+      shard_size=a.shard_size,     # examples per shard (per process)
+      augment=False,               # False: ADM center crop (SPEC); True: the train crops
+      dtype="float32",             # stored latent dtype: float32 | bfloat16
+      stats_samples=10_000,        # latents for the per-channel mean / std
+      stats_seed=0,
+      max_examples=-1,             # > 0: only the first N source examples
+      stop_after_shards=0,         # > 0: stop this run after N new shards (tests, time slicing)
+  ))
+  c.batch_size = 256             # global encode batch
+  c.log_every = 10
+  if a.runlocal:
+    c.data.source = "embedded"
+    c.data.embedded_length = 1024
+    c.cache.augment = True         # distinct random-scale crops of the 11 photos
+    c.cache.shard_size = 256
+    c.batch_size = 16
+  return c
+
+
+# Paper / SPEC sampling settings: (latent_dim, epochs) -> shift, CFG scale, CFG interval.
+SAMPLING_PRESETS = {
+    (32, 80): dict(shift=0.4, cfg_scale=2.5, cfg_interval=0.25),
+    (32, 800): dict(shift=0.4, cfg_scale=3.3, cfg_interval=0.3),
+    (64, 80): dict(shift=0.5, cfg_scale=2.5, cfg_interval=0.25),
+    (64, 800): dict(shift=0.5, cfg_scale=3.3, cfg_interval=0.3),
+}
+
+
+def sampling_config(latent_dim: int, epochs: int, cfg: bool = False,
+                    num_steps: int = 250) -> ml_collections.ConfigDict:
+  """Sampler settings: SDE without CFG (default), or Euler ODE with CFG + interval (cfg)."""
+  p = SAMPLING_PRESETS.get((latent_dim, epochs), SAMPLING_PRESETS[(32, 800)])
+  return ml_collections.ConfigDict(dict(
+      mode="euler" if cfg else "sde", num_steps=num_steps, shift=p["shift"],
+      cfg_scale=p["cfg_scale"] if cfg else 1.0, cfg_interval=p["cfg_interval"] if cfg else 0.0,
+      last_step="mean"))
+
+
+def dit_config(arg: str | None, *, latent_dim: int, epochs: int) -> ml_collections.ConfigDict:
+  """Stage 3 (LightningDiT-XL/1 flow matching on cached GAE latents), SPEC stage 3.
+
+  arg: 'runlocal' (tiny "mu" DiT on the embedded-photo cache), 'variant=XL/1',
+  'cache=<dir>', 'gae=<path>' (decoder for sample grids; default: the cache's GAE),
+  'sample' (the `sample` stage for this run: see `sample_config`), 'cfg' (with sample:
+  ODE + CFG with the paper's scale / interval), 'ckpt=<flow workdir or .pt>' (with sample).
+  """
+  a = parse_arg(arg, runlocal=False, variant="XL/1", cache="", gae="", sample=False,
+                cfg=False, ckpt="", num_samples=50_000, latent_dim=latent_dim)
+  if a.sample:
+    return sample_config(a, latent_dim=a.latent_dim, epochs=epochs)
+  c = common_config("flow")
+  variant, _, patch = a.variant.partition("/")
+  c.model = ml_collections.ConfigDict(dict(
+      variant=variant, patch_size=int(patch or 1), latent_size=16, latent_dim=a.latent_dim,
+      num_classes=1000, class_dropout_prob=0.1, qk_norm=epochs >= 800, use_rope=True,
+      use_abs_pos=True, attention_impl=None, remat="none", scan=False))
+  c.data = ml_collections.ConfigDict(dict(cache_dir=a.cache, flip=True, read_threads=8))
+  c.gae = ml_collections.ConfigDict(dict(
+      init_from=ml_collections.FieldReference(a.gae or None, field_type=str)))
+  c.flow = ml_collections.ConfigDict(dict(train_shift=0.7, t_mu=0.0, t_sigma=1.0))
+  # AdamW, constant 2e-4, betas (0.9, 0.95), no weight decay, no clipping (released).
+  c.optim = optimizer_config(2e-4, schedule="constant", b1=0.9, b2=0.95, weight_decay=0.0)
+  c.ema_decay = 0.9999
+  c.total_steps = 100_000 if epochs < 800 else 1_000_000
+  c.batch_size = 1024
+  c.log_every = 100
+  c.ckpt_every = 20_000 if epochs < 800 else 50_000
+  c.image_every = 20_000
+  c.num_eval_images = 32
+  # Sample grids during training: short, cheap, from the EMA params with fixed noise.
+  c.sample_grid = sampling_config(a.latent_dim, epochs)
+  c.sample_grid.num_steps = 50
+  if a.variant.startswith("XL"):
+    c.model.remat = "none"
+  if a.runlocal:
+    c.model.variant = "mu"
+    c.model.latent_size = 8          # 64px runlocal GAE, patch 8
+    c.model.num_classes = 11         # the embedded photos
+    c.data.read_threads = 2
+    c.total_steps = 400
+    c.batch_size = 16
+    c.optim.lr = 1e-3
+    c.ema_decay = 0.99               # the 0.9999 EMA would stay near the zero-output init
+    c.log_every = 50
+    c.ckpt_every = 200
+    c.image_every = 200
+    c.num_eval_images = 16
+    c.sample_grid.num_steps = 50
+  return c
+
+
+def sample_config(a: ml_collections.ConfigDict, *, latent_dim: int, epochs: int
+                  ) -> ml_collections.ConfigDict:
+  """`stage = "sample"`: N class-uniform samples -> .npz (uint8 NHWC, `arr_0`) + PNG grid.
+
+  Fields: dit.init_from (flow workdir or the authors' .pt), dit.stats (default: beside the
+  checkpoint / the run's cache), gae.init_from (default: the flow run's cache GAE),
+  sample.* (SDE without CFG, or with 'cfg' Euler ODE + CFG on the paper's interval).
+  """
+  c = common_config("sample")
+  c.dit = ml_collections.ConfigDict(dict(
+      init_from=ml_collections.FieldReference(a.ckpt or None, field_type=str),
+      stats=ml_collections.FieldReference(None, field_type=str),
+      use_ema=True, num_heads=ml_collections.FieldReference(None, field_type=int)))
+  c.gae = ml_collections.ConfigDict(dict(
+      init_from=ml_collections.FieldReference(a.gae or None, field_type=str)))
+  c.sample = sampling_config(latent_dim, epochs, cfg=a.cfg)
+  c.sample.num_samples = a.num_samples
+  c.sample.num_classes = 1000
+  c.sample.seed = 0
+  c.sample.grid_images = 64        # first images of each class block in the PNG grid
+  c.sample.output = "samples"      # <workdir>/<output>.npz and <output>.png
+  c.batch_size = 256               # global batch per jitted call
+  if a.runlocal:
+    c.sample.num_samples = 44
+    c.sample.num_classes = 11
+    c.sample.num_steps = 50
+    c.batch_size = 16
+    c.sample.grid_images = 44
+  return c
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation (`stage = "eval"`, gae_jax/trainers/evaluate.py).
+
+
+def eval_config(arg: str | None, *, kind: str) -> ml_collections.ConfigDict:
+  """`stage = "eval"`: metrics.json + PNGs + report.md for `kind` (comma-separated).
+
+  arg: 'runlocal' (embedded photos, small counts, CPU minutes), 'gae=<path>|random',
+  'source=embedded|folder|tfds', 'root=...', 'kind=a,b' is not parsed (commas split args):
+  override with --config.eval.kind=... instead. 'samples=<npz|sample dir|data:val>',
+  'reference=<VIRTUAL_imagenet256_labeled.npz or stats npz>' (generation),
+  'inception=<pytorch-fid .pth>' (enables IS), 'num_images=N', 'dit=<flow run or .pt>'.
+  """
+  from gae_jax.data import pipeline  # late import: configs stay light to parse
+  a = parse_arg(arg, runlocal=False, gae="", source="tfds", root="", samples="",
+                reference="", inception="", num_images=-1, dit="")
+  c = common_config("eval")
+  c.gae = ml_collections.ConfigDict(dict(
+      init_from=ml_collections.FieldReference(a.gae or None, field_type=str), use_ema=True))
+  c.data = pipeline.default_data_config()
+  c.data.source = a.source
+  c.data.root = a.root
+  c.data.image_size = 0          # 0: the GAE's image size (256 for generation without one)
+  c.data.random_flip = False
+  c.data.num_workers = 0
+  c.batch_size = 256             # global evaluation batch
+  c.eval = ml_collections.ConfigDict(dict(
+      kind=kind,
+      split="val",
+      num_images=a.num_images,   # -1: the whole split
+      seed=0,
+      inception_path=ml_collections.FieldReference(a.inception or None, field_type=str),
+      resize_mode="tf1",         # ADM evaluator's TF1 bilinear resize ("torch": pytorch-fid)
+      lpips=True,
+      rfid=True,
+      robustness=dict(scales=[0.0, 0.1, 0.2, 0.3, 0.4, 0.5]),
+      generation=dict(
+          samples=a.samples, reference=a.reference, reference_split="train",
+          reference_num_images=-1, num_samples=-1, precision_recall=True, k=3,
+          is_splits=10, dit=a.dit, dit_stats="", cfg=False, latent_dim=32, epochs=800,
+          num_classes=0),
+      probe=dict(
+          heads=["flatten", "GAP"], epochs=100, batch_size=2048, lr=0.008,
+          train_split="train", val_split="val", num_train=-1, num_val=-1,
+          train_cache="", val_cache="", num_classes=0),
+      diagnostics=dict(
+          num_images=1000, max_distance=0, gain_scales=[0.01, 0.05, 0.1], gain_images=64,
+          interp_steps=8, interp_pairs=8, interp_mode="slerp", knn_k=20,
+          knn_temperature=0.07, knn_train_images=10_000),
+  ))
+  if a.runlocal:
+    c.data.source = "embedded"
+    c.data.embedded_length = 352         # train: seeded random-scale crops of the 11 photos
+    c.batch_size = 16
+    c.eval.num_images = a.num_images if a.num_images > 0 else 64
+    c.eval.robustness.scales = [0.0, 0.1, 0.3, 0.5]
+    c.eval.generation.samples = a.samples or "data:val"
+    c.eval.generation.reference_num_images = 176
+    c.eval.generation.num_samples = 176
+    c.eval.probe.epochs = 30
+    c.eval.probe.batch_size = 32
+    c.eval.probe.num_train = 352
+    c.eval.diagnostics.num_images = 176
+    c.eval.diagnostics.gain_images = 16
+    c.eval.diagnostics.interp_pairs = 4
+    c.eval.diagnostics.knn_train_images = 352
+  return c
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 1: the semantic teacher (gae_jax/trainers/teacher.py).
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def teacher_config(arg: str | None, *, latent_dim: int) -> ml_collections.ConfigDict:
+  """Stage 1 (semantic teacher E_sp + decoder D_sp on frozen DINOv2-L), SPEC stage 1.
+
+  Released optimisation (default): AdamW 1e-4, betas (0.9, 0.98), wd 0.05 (none on
+  vectors), cosine to 0.1 x lr after a 5% linear warm-up, 100 epochs at global batch 1024.
+  arg: 'runlocal' (VGG16 relu5_3 features of the embedded photos at 128 px = 8x8 grid, the
+  grid of the runlocal GAE; CPU minutes), 'paper' (Tab. 13: 10k iterations, batch 2048,
+  2e-4 -> 2e-5, warm-up 500, decoder L=4, window 4), 'window=4' (Alg. 1 patch conv; 1 as
+  released, 4 reproduces Tab. 13's parameter counts), 'decoder_depth=4', 'downsampler=svd|
+  attn|attn_linear|attn_patchconv', 'vfm=dinov2|vgg16_relu5_3', 'weights=<DINOv2 file>',
+  'svd_images=64000', 'source=embedded|folder|tfds', 'root=...'.
+  """
+  from gae_jax.data import pipeline  # late import: configs stay light to parse
+  a = parse_arg(arg, runlocal=False, paper=False, window=0, decoder_depth=0,
+                downsampler="attn_patchconv", vfm="dinov2", weights="", svd_images=64_000,
+                source="tfds", root="", latent_dim=latent_dim)
+  c = common_config("teacher")
+  vfm = "vgg16_relu5_3" if a.runlocal else a.vfm
+  c.teacher = ml_collections.ConfigDict(dict(
+      vfm=vfm,
+      vfm_weights=ml_collections.FieldReference(a.weights or None, field_type=str),
+      vfm_variant="L",             # checked against the weights; sizes the --dry_run plan
+      vfm_image_size=224 if vfm == "dinov2" else 256,
+      latent_dim=a.latent_dim,
+      downsampler=a.downsampler,
+      window=a.window or (4 if a.paper else 1),
+      num_heads=ml_collections.FieldReference(None, field_type=int),      # C // 64
+      decoder_depth=a.decoder_depth or (4 if a.paper else 1),
+      decoder_num_heads=ml_collections.FieldReference(None, field_type=int),
+      decoder_mlp_hidden=ml_collections.FieldReference(None, field_type=int),
+      qk_norm="rms",
+      attention_impl=ml_collections.FieldReference(None, field_type=str),
+      remat="none",
+      loss="mse",                  # released MSE of RMS-normalised vectors; 'cos' = paper
+      svd_images=a.svd_images,     # downsampler='svd': images the projection is fitted on
+      svd_center=True,
+  ))
+  c.optim = optimizer_config(1e-4, end_lr=1e-5, b1=0.9, b2=0.98, weight_decay=0.05)
+  c.optim.warmup_fraction = 0.05  # released: 5% of the steps (overrides warmup_steps)
+  c.batch_size = 1024             # released: 128 per GPU (8 GPUs assumed)
+  c.total_steps = 100 * IMAGENET_TRAIN_IMAGES // c.batch_size
+  if a.paper:                     # Tab. 13
+    c.batch_size = 2048
+    c.total_steps = 10_000
+    c.optim.lr, c.optim.end_lr = 2e-4, 2e-5
+    c.optim.warmup_fraction = 0.0
+    c.optim.warmup_steps = 500
+  c.log_every = 100
+  c.eval_every = 2000
+  c.ckpt_every = 5000
+  c.image_every = 0                # unused: no image grids in stage 1
+  c.num_eval_images = 64
+  c.data = pipeline.default_data_config()
+  c.data.source = a.source
+  c.data.root = a.root
+  c.data.image_size = c.teacher.vfm_image_size
+  c.data.random_flip = False       # SPEC: resize + center crop, no flip
+  c.data.num_workers = 8
+  if a.runlocal:
+    c.teacher.vfm_image_size = c.data.image_size = 128
+    c.data.source = "embedded"
+    c.data.num_workers = 0
+    c.batch_size = 8
+    c.total_steps = 150
+    c.optim.lr, c.optim.end_lr = 1e-3, 1e-4
+    c.teacher.svd_images = 256
+    c.log_every = 10
+    c.eval_every = 50
+    c.ckpt_every = 50
+    c.num_eval_images = 8
   return c

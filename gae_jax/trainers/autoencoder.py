@@ -6,12 +6,14 @@ the PatchGAN discriminator (switched on at `config.loss.disc_start`). Frozen net
 non-donated argument and never enter the optimizer or the checkpoint.
 """
 
+import dataclasses
 import functools
 import os
 import time
 from typing import Any
 
 from absl import logging
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,6 +53,11 @@ def _init_fn(config, model, disc, rng):
             "discriminator": disc_vars["params"]}
   tx = make_optimizers(config)
   opt_state = {k: tx[k].init(nn.meta.unbox(params[k])) for k in tx}
+  proj = sp_proj_shape(config, model)
+  if proj is not None:  # pre / post alignment: the learned map onto the VFM width
+    params["generator"]["sp_proj"] = {"kernel": nn.with_logical_partitioning(
+        nn.initializers.xavier_uniform(), (None, "embed"))(
+            jax.random.fold_in(k_g, 1), proj, jnp.dtype(config.param_dtype))}
   ema = params["generator"] if config.get("ema_decay") else None
   return common.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
@@ -63,15 +70,134 @@ def make_optimizers(config) -> dict:
           "discriminator": common.make_optimizer(config.disc_optim, config.total_steps)}
 
 
-def semantic_loss(aux: dict, images: jax.Array, frozen: dict, config) -> jax.Array:
-  """L_sp = MSE(mu, E_sp(f_vfm(x))): the seam for the stage-1 teacher.
+SP_ALIGNS = ("latent", "pre", "post")
 
-  Returns 0 while no teacher is configured (`config.teacher.init_from` unset); the teacher
-  issue plugs the frozen teacher in here through `frozen["teacher"]`.
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SemanticSpec:
+  """Static side of L_sp: the alignment, the frozen VFM backend and (latent) the teacher.
+
+  fields: the teacher's description (`pretrained.teacher_fields`), None without a teacher.
+  """
+  align: str
+  backend: Any
+  teacher: Any
+  fields: Any
+
+
+@struct.dataclass
+class FrozenSemantic:
+  """`frozen["teacher"]`: VFM + teacher variables (arrays) and their static spec."""
+  vfm: Any
+  teacher: Any
+  spec: SemanticSpec = struct.field(pytree_node=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _semantic_spec(align, init_from, vfm, vfm_weights, vfm_image_size, dtype_name):
+  from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from gae_jax.convert import teacher as convert_teacher  # pylint: disable=g-import-not-at-top
+  from gae_jax.models import vfm as vfm_lib  # pylint: disable=g-import-not-at-top
+  dtype = jnp.dtype(dtype_name)
+  if init_from:
+    fields = pretrained.teacher_fields(init_from)
+    if vfm and vfm != fields["vfm"]:
+      raise ValueError(f"config.teacher.vfm={vfm!r} but the teacher {init_from} was trained "
+                       f"on {fields['vfm']!r}")
+    if vfm_image_size and vfm_image_size != fields["vfm_image_size"]:
+      raise ValueError(f"config.teacher.vfm_image_size={vfm_image_size} but the teacher "
+                       f"{init_from} was trained at {fields['vfm_image_size']}")
+    backend = pretrained.teacher_backend(fields, dtype)
+    teacher = convert_teacher.build_teacher(fields, dtype) if align == "latent" else None
+    return SemanticSpec(align, backend, teacher, fields)
+  if vfm == "vgg16_relu5_3":
+    backend = vfm_lib.vgg16_relu5_3(vfm_image_size or 256, dtype=dtype)
+  elif vfm == "dinov2":
+    if not vfm_weights:
+      raise ValueError("config.teacher.vfm='dinov2' needs config.teacher.vfm_weights")
+    info = convert_teacher.dinov2_info(vfm_weights)
+    backend = vfm_lib.dinov2(info, vfm_image_size or 224, dtype=dtype)
+  else:
+    raise ValueError(f"config.teacher.vfm={vfm!r}; choose from {vfm_lib.VFM_NAMES}")
+  return SemanticSpec(align, backend, None, None)
+
+
+def semantic_spec(config):
+  """The static L_sp spec, or None when no teacher / VFM is configured (L_sp = 0).
+
+  'latent' needs `config.teacher.init_from` (a teacher workdir or the authors' latest.pth);
+  'pre' / 'post' need a VFM: `config.teacher.vfm` (+ vfm_weights) or a teacher's own.
+  The VFM grid (and for 'latent' the teacher's latent width) must match the GAE latents.
+  """
+  align = config.loss.get("sp_align", "latent")
+  if align not in SP_ALIGNS:
+    raise ValueError(f"config.loss.sp_align={align!r}; choose from {SP_ALIGNS}")
+  t = config.get("teacher") or ml_collections.ConfigDict()
+  init_from, vfm = t.get("init_from"), t.get("vfm")
+  if not init_from and not vfm:
+    if align != "latent":
+      raise ValueError(f"config.loss.sp_align={align!r} needs a VFM: set config.teacher.vfm "
+                       "(+ vfm_weights) or config.teacher.init_from")
+    return None
+  if align == "latent" and not init_from:
+    raise ValueError("config.loss.sp_align='latent' needs config.teacher.init_from (a stage-1 "
+                     "teacher workdir or the authors' latest.pth)")
+  spec = _semantic_spec(align, init_from, vfm, t.get("vfm_weights"),
+                        int(t.get("vfm_image_size") or 0), str(common.compute_dtype(config)))
+  grid = config.data.image_size // config.model.patch_size
+  if spec.backend.grid != grid:
+    raise ValueError(f"L_sp: the VFM {spec.backend.name} gives a {spec.backend.grid}x"
+                     f"{spec.backend.grid} grid, the GAE latents are {grid}x{grid} "
+                     f"(data.image_size {config.data.image_size} / patch "
+                     f"{config.model.patch_size}); the grids must be equal")
+  if align == "latent" and spec.fields["latent_dim"] != config.model.latent_dim:
+    raise ValueError(f"L_sp: teacher {init_from} has latent_dim {spec.fields['latent_dim']}, "
+                     f"config.model.latent_dim is {config.model.latent_dim}")
+  return spec
+
+
+def sp_proj_shape(config, model):
+  """(in, out) of the learned linear map for 'pre' (encoder width -> VFM width, identity
+  and None when equal, as for ViT-L vs DINOv2-L) and 'post' (d -> VFM width)."""
+  spec = semantic_spec(config)
+  if spec is None or spec.align == "latent":
+    return None
+  c = spec.backend.channels
+  if spec.align == "pre":
+    return None if model.width == c else (model.width, c)
+  return (model.latent_dim, c)
+
+
+def semantic_loss(aux: dict, images: jax.Array, frozen: dict, config,
+                  sp_proj=None) -> jax.Array:
+  """L_sp on the same batch; 0 while no teacher / VFM is configured.
+
+  latent (default, GAE): MSE(mu, E_sp(f_vfm(x))) with the frozen stage-1 teacher.
+  pre:  MSE(P(h), f_vfm(x)), h = encoder features before the projector A_p.
+  post: MSE(P(mu), f_vfm(x)), P a learned expansion d -> C.
+  f_vfm is the RMS-normalised VFM grid, each VFM at its own preprocessing / input size.
+  Teacher and VFM sit behind stop_gradient: only the pixel branch (and P) get gradients.
   """
   if "teacher" not in frozen:
     return jnp.zeros((), jnp.float32)
-  raise NotImplementedError("semantic teacher (stage 1) is not wired in yet")
+  from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  sem = frozen["teacher"]
+  spec = sem.spec
+  feats = spec.backend.features(sem.vfm, pretrained.resize_for_vfm(spec.backend, images))
+  if spec.align == "latent":
+    target = spec.teacher.apply(sem.teacher, feats, method="latents")
+    pred = aux["mu"]
+  else:
+    target = feats
+    pred = aux["features"] if spec.align == "pre" else aux["mu"]
+    if pred.ndim == 3:  # encoder tokens (B, N, W) -> (B, h, w, W)
+      pred = pred.reshape(*target.shape[:-1], pred.shape[-1])
+    if sp_proj is not None:
+      pred = pred.astype(jnp.float32) @ sp_proj["kernel"].astype(jnp.float32)
+  target = jax.lax.stop_gradient(target.astype(jnp.float32))
+  if pred.shape != target.shape:
+    raise ValueError(f"L_sp ({spec.align}): prediction {pred.shape} vs target {target.shape}")
+  return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
 
 def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, disc, lpips,
@@ -88,6 +214,14 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
   disc_stats = state.model_state["discriminator"]
 
   def forward(gparams):
+    if lc.get("sp_align", "latent") == "pre" and "teacher" in frozen:
+      # Pre alignment reads the encoder features before the projector A_p.
+      (x_hat, aux), inter = model.apply(
+          {"params": gparams["gae"]}, x, train=True, rngs={"noise": k_noise},
+          capture_intermediates=lambda m, name: m.name == "encoder" and name == "__call__",
+          mutable=["intermediates"])
+      aux = {**aux, "features": inter["intermediates"]["encoder"]["__call__"][0]}
+      return x_hat, aux
     x_hat, aux = model.apply({"params": gparams["gae"]}, x, train=True,
                              rngs={"noise": k_noise})
     return x_hat, aux
@@ -125,7 +259,7 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
       kl = losses.kl_loss(aux["kl_mean"], aux["kl_logvar"])
       total = total + lc.kl_weight * kl
       terms["kl"] = kl
-    sp = semantic_loss(aux, x, frozen, config)
+    sp = semantic_loss(aux, x, frozen, config, gparams.get("sp_proj"))
     total = total + lc.sp_weight * sp
     terms.update(nll=nll, sp=sp, gan_weight=w_gan, loss=total,
                  latent_rms=jnp.sqrt(jnp.mean(jnp.square(aux["mu"]))),
@@ -200,9 +334,35 @@ def eval_step(params, batch, frozen, *, model, lpips):
 
 
 def load_frozen(config, mesh) -> dict:
-  """Frozen networks, loaded once and replicated (non-donated step argument)."""
+  """Frozen networks, loaded once and replicated (non-donated step argument): LPIPS, and
+  with L_sp the VFM (+ the stage-1 teacher's downsampler for 'latent') as `frozen["teacher"]`.
+  """
   frozen = {"lpips": vgg.load_lpips_params()}
+  spec = semantic_spec(config)
+  if spec is not None:
+    frozen["teacher"] = _load_semantic(config, spec)
   return jax.device_put(frozen, sharding_lib.replicated(mesh))
+
+
+def _load_semantic(config, spec: SemanticSpec) -> FrozenSemantic:
+  from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from gae_jax.models import vfm as vfm_lib  # pylint: disable=g-import-not-at-top
+  t = config.teacher
+  f32 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
+  teacher_vars = None
+  if spec.fields is not None:
+    teacher_vars, vfm_vars = pretrained.load_teacher_variables(
+        t.init_from, spec.fields, vfm_weights=t.get("vfm_weights"))
+    logging.info("L_sp (%s): frozen teacher %s (%s, d=%d) on %s", spec.align, t.init_from,
+                 spec.fields["downsampler"], spec.fields["latent_dim"], spec.backend.name)
+    if spec.align != "latent":
+      teacher_vars = None
+  elif spec.backend.name == "vgg16_relu5_3":
+    vfm_vars = vfm_lib.load_vgg16_params()
+  else:
+    from gae_jax.convert import dinov2 as convert_dinov2  # pylint: disable=g-import-not-at-top
+    vfm_vars = {"params": convert_dinov2.load_dinov2_params(t.vfm_weights)[0]}
+  return FrozenSemantic(vfm=f32(vfm_vars), teacher=f32(teacher_vars), spec=spec)
 
 
 class Setup:
@@ -299,6 +459,8 @@ def plan(config) -> dict:
   params = s.abstract_boxed.params
   counts = common.param_counts(params["generator"]["gae"])
   counts["logvar"] = 1
+  if "sp_proj" in params["generator"]:
+    counts["sp_proj"] = sharding_lib.tree_size(nn.meta.unbox(params["generator"]["sp_proj"]))
   counts["discriminator"] = sharding_lib.tree_size(nn.meta.unbox(params["discriminator"]))
   lpips_abs = jax.eval_shape(lambda: s.lpips.init(
       jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64, 3))))
@@ -306,11 +468,32 @@ def plan(config) -> dict:
           "params": counts,
           "params_M": {k: round(v / 1e6, 2) for k, v in counts.items()},
           "trainable_total": int(sum(counts.values())),
-          "frozen": {"lpips_vgg16": sharding_lib.tree_size(lpips_abs)},
+          "frozen": {"lpips_vgg16": sharding_lib.tree_size(lpips_abs),
+                     **_semantic_plan(config)},
           "mesh": common.mesh_plan(s.mesh),
           "batch": {"global": config.batch_size, "per_process": s.per_process_batch,
                     "image_size": config.data.image_size},
           "compute_dtype": str(common.compute_dtype(config))}
+
+
+def _semantic_plan(config) -> dict:
+  """Frozen L_sp networks' parameter counts via eval_shape (no weights loaded)."""
+  spec = semantic_spec(config)
+  if spec is None:
+    return {}
+  b = spec.backend
+  vfm_abs = jax.eval_shape(lambda: b.module.init(
+      jax.random.key(0), jnp.zeros((1, b.image_size, b.image_size, 3), jnp.float32)))
+  out = {f"vfm_{b.name}": sharding_lib.tree_size(nn.meta.unbox(vfm_abs)["params"])}
+  if spec.teacher is not None:
+    g = spec.fields["grid"]
+    t_abs = jax.eval_shape(lambda: spec.teacher.init(
+        jax.random.key(0), jnp.zeros((1, g, g, spec.fields["channels"]), jnp.float32)))
+    t_abs = nn.meta.unbox(t_abs)
+    out["teacher_downsampler"] = sharding_lib.tree_size(
+        t_abs.get("params", {}).get("downsampler", {})) + sharding_lib.tree_size(
+            t_abs.get("svd", {}))
+  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

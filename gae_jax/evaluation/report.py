@@ -1,0 +1,188 @@
+"""Evaluation outputs in a workdir: metrics.json, matplotlib PNG plots and a short report.md.
+
+`write_report(workdir, results)` takes the dict the eval stage assembles:
+  {"reconstruction": {"per_scale": [row]}, "robustness": {"per_scale": [rows]},
+   "generation": {...}, "linear_probe": {head: {...}}, "diagnostics": {...},
+   "images": {name: uint8 (N, H, W, 3) or (H, W, 3)}, "meta": {...}}
+Arrays (curves, images) are plotted / saved as PNG; metrics.json holds every scalar and
+short list (non-finite floats as null) and never an image.
+"""
+
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from gae_jax import metrics as metrics_lib
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()
+            if not (isinstance(v, np.ndarray) and v.size > 4096)}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.ndarray):
+    return _jsonable(x.tolist())
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    x = float(x)
+    return x if math.isfinite(x) else None
+  if isinstance(x, (str, int, bool)) or x is None:
+    return x
+  return str(x)
+
+
+def write_metrics(workdir: str, results: dict) -> str:
+  path = os.path.join(workdir, "metrics.json")
+  os.makedirs(workdir, exist_ok=True)
+  clean = _jsonable({k: v for k, v in results.items() if k != "images"})
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(clean, f, indent=2, allow_nan=False)
+  os.replace(tmp, path)
+  return path
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_robustness(path: str, rows: list[dict]) -> str:
+  """rFID / PSNR / SSIM / LPIPS of D(mu + s eps) against s (paper Fig. 4)."""
+  plt = _plt()
+  keys = [k for k in ("rfid", "psnr", "ssim", "lpips") if all(k in r for r in rows)]
+  fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
+  s = [r["scale"] for r in rows]
+  for ax, k in zip(axes[0], keys):
+    ax.plot(s, [r[k] for r in rows], "o-")
+    ax.set_xlabel("noise scale s")
+    ax.set_title({"rfid": "rFID", "psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS"}[k])
+    ax.grid(alpha=0.3)
+  fig.suptitle("Decoder robustness: D(mu + s * eps)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_curve(path: str, x, ys: dict[str, Any], *, xlabel: str, ylabel: str,
+               title: str) -> str:
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(4.5, 3.2))
+  for name, y in ys.items():
+    ax.plot(x if x is not None else np.arange(len(y)), y, "o-" if len(y) < 30 else "-",
+            label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  if len(ys) > 1:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def save_image(path: str, images: np.ndarray, ncols: int | None = None) -> str:
+  """A uint8 (H, W, 3) image or an (N, H, W, 3) grid (float [-1, 1] is converted)."""
+  x = np.asarray(images)
+  if x.dtype != np.uint8:
+    x = metrics_lib.to_uint8(x)
+  if x.ndim == 4:
+    x = metrics_lib.image_grid(x, ncols=ncols)
+  metrics_lib.save_png(path, x)
+  return path
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+def _table(rows: list[dict], keys: list[str]) -> list[str]:
+  keys = [k for k in keys if any(k in r for r in rows)]
+  out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  out += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+  return out
+
+
+def write_report(workdir: str, results: dict) -> dict[str, str]:
+  """Writes metrics.json, the PNGs and report.md; returns {name: path}."""
+  os.makedirs(workdir, exist_ok=True)
+  files = {"metrics": write_metrics(workdir, results)}
+  md = ["# Evaluation report", ""]
+  meta = results.get("meta", {})
+  if meta:
+    md += [f"- {k}: `{_fmt(v)}`" for k, v in meta.items()] + [""]
+  for note in results.get("notes", []):
+    md.append(f"> {note}")
+  md.append("")
+
+  if "reconstruction" in results:
+    md += ["## Reconstruction", "",
+           "rFID against the same center-cropped images; PSNR / SSIM / LPIPS per image, "
+           "averaged. Reconstructions are clipped and quantised to uint8.", ""]
+    md += _table(results["reconstruction"]["per_scale"],
+                 ["num_images", "rfid", "psnr", "ssim", "lpips"]) + [""]
+  if "robustness" in results:
+    rows = results["robustness"]["per_scale"]
+    files["robustness"] = plot_robustness(os.path.join(workdir, "robustness.png"), rows)
+    md += ["## Decoder robustness (paper Fig. 4)", "",
+           "Metrics of D(mu + s * eps), eps ~ N(0, I).", ""]
+    md += _table(rows, ["scale", "rfid", "psnr", "ssim", "lpips"])
+    md += ["", "![robustness](robustness.png)", ""]
+  if "generation" in results:
+    g = results["generation"]
+    md += ["## Generation", ""]
+    md += _table([g], ["num_samples", "fid", "sfid", "inception_score", "precision",
+                       "recall"]) + [""]
+    for k in ("inception_score_note", "precision_recall_note", "reference", "samples"):
+      if k in g:
+        md.append(f"- {k}: {g[k]}")
+    md.append("")
+  if "linear_probe" in results:
+    lp = results["linear_probe"]
+    rows = [{"head": h, **{k: v for k, v in r.items() if k != "loss_curve"}}
+            for h, r in lp.items()]
+    md += ["## Linear probe (paper App. I)", ""]
+    md += _table(rows, ["head", "top1", "train_top1", "val_loss", "num_train", "num_val",
+                        "num_params"]) + [""]
+    curves = {h: r["loss_curve"] for h, r in lp.items() if r.get("loss_curve")}
+    if curves:
+      files["probe_loss"] = plot_curve(os.path.join(workdir, "probe_loss.png"), None,
+                                        curves, xlabel="epoch", ylabel="train loss",
+                                        title="Linear probe")
+      md += ["![probe loss](probe_loss.png)", ""]
+  if "diagnostics" in results:
+    d = results["diagnostics"]
+    md += ["## Latent-manifold diagnostics", ""]
+    scal = {k: v for k, v in d.items() if isinstance(v, (int, float))}
+    md += [f"- {k}: {_fmt(v)}" for k, v in scal.items()] + [""]
+    if "spatial_similarity" in d:
+      ss = d["spatial_similarity"]
+      files["spatial"] = plot_curve(os.path.join(workdir, "spatial_similarity.png"),
+                                    ss["distance"], {"S(r)": ss["similarity"]},
+                                    xlabel="token distance r", ylabel="mean cosine",
+                                    title="Latent similarity vs distance")
+      md += ["![spatial](spatial_similarity.png)", ""]
+    if "decoder_gain" in d:
+      dg = d["decoder_gain"]
+      md += _table([{"scale": s, "gain": g} for s, g in dg.items()], ["scale", "gain"])
+      md.append("")
+  for name, img in results.get("images", {}).items():
+    files[name] = save_image(os.path.join(workdir, f"{name}.png"), img)
+    md += [f"![{name}]({name}.png)", ""]
+  path = os.path.join(workdir, "report.md")
+  with open(path, "w") as f:
+    f.write("\n".join(md) + "\n")
+  files["report"] = path
+  return files

@@ -1,0 +1,234 @@
+"""`stage = "sample"`: class-uniform samples of a LightningDiT, decoded by the GAE.
+
+  python -m gae_jax.main --config=configs/dit_xl_gae32_800ep.py:sample,cfg \
+      --config.dit.init_from=/runs/dit_800ep --workdir=/runs/dit_800ep/samples
+
+Exactly `num_samples / num_classes` samples per class (labels 0,0,..,1,1,..); the last
+global batch is padded (label 0, discarded). The whole sampler (SDE without CFG, or an
+Euler/Heun ODE with CFG inside the guidance interval), the de-normalisation z * std + mean,
+the GAE decode and the uint8 quantisation run in one jit sharded over the batch.
+Output: `<workdir>/<output>.npz` with `arr_0` (N, H, W, 3) uint8 (the ADM evaluator's
+layout, streamed to disk batch by batch) and `<output>.png`, a grid of the first images
+of every class. Initial noise of sample i is N(0, I) from fold_in(seed, i), so a sample does
+not depend on the batch size or the mesh.
+
+`generate` and `velocity_fn` are also used for the flow trainer's sample grids.
+"""
+
+import functools
+import os
+import time
+import zipfile
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from gae_jax import flow
+from gae_jax import metrics as metrics_lib
+from gae_jax import sharding as sharding_lib
+from gae_jax.models import gae as gae_lib
+from gae_jax.trainers import common
+
+
+def velocity_fn(model, params, sampling) -> flow.VelocityFn:
+  """The DiT as v(x, t, y), CFG-wrapped when sampling.cfg_scale != 1."""
+  v = lambda x, t, y: model.apply({"params": params}, x, t, y)
+  if float(sampling.cfg_scale) != 1.0:
+    v = flow.cfg_velocity(v, float(sampling.cfg_scale), null_label=model.null_label,
+                          interval_start=float(sampling.cfg_interval))
+  return v
+
+
+def generate(dit_params, gae_params, noise, labels, rng, mean, std, *, dit, gae, sampling
+             ) -> jax.Array:
+  """noise (B, h, w, d), labels (B,) -> uint8 images (B, H, W, 3). Pure; jit it."""
+  x = flow.sample(velocity_fn(dit, dit_params, sampling), noise, labels, rng,
+                  mode=sampling.mode, num_steps=int(sampling.num_steps),
+                  shift=float(sampling.shift), last_step=sampling.get("last_step", "mean"))
+  z = x * std + mean
+  img = gae.apply({"params": gae_params}, z, method=gae_lib.GAE.decode)
+  return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def global_array(x: np.ndarray, sharding) -> jax.Array:
+  """A host array every process holds in full -> a global jax.Array with `sharding`."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def noise_for(seed: int, indices, shape: tuple[int, ...]) -> jax.Array:
+  """N(0, I) noise of samples `indices`, each from fold_in(key(seed), index)."""
+  key = jax.random.key(seed)
+  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(
+      jnp.asarray(indices, jnp.uint32))
+
+
+def compile_generate(dit, gae, sampling, mesh, rules, batch: int, latent_shape, dit_params,
+                     gae_params):
+  """AOT-compiled generate(dit_params, gae_params, noise, labels, rng, mean, std), batch-sharded."""
+  data = sharding_lib.data_sharding(mesh, rules)
+  rep = sharding_lib.replicated(mesh)
+  fn = functools.partial(generate, dit=dit, gae=gae, sampling=sampling)
+  param_sh = lambda t: jax.tree.map(lambda a: a.sharding if isinstance(a, jax.Array) else rep, t)
+  jitted = jax.jit(fn, in_shardings=(param_sh(dit_params), param_sh(gae_params), data, data,
+                                     rep, rep, rep), out_shardings=data)
+  abs_ = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+  d = latent_shape[-1]
+  with jax.set_mesh(mesh):
+    return jitted.lower(
+        abs_(dit_params), abs_(gae_params),
+        jax.ShapeDtypeStruct((batch, *latent_shape), jnp.float32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        jax.eval_shape(lambda: jax.random.key(0)),
+        jax.ShapeDtypeStruct((d,), jnp.float32), jax.ShapeDtypeStruct((d,), jnp.float32),
+    ).compile()
+
+
+class NpzWriter:
+  """Streams an (N, H, W, C) uint8 array into `path` as `arr_0` (np.load-compatible .npz)."""
+
+  def __init__(self, path: str, shape: tuple[int, ...]):
+    self.path, self.shape, self.written = path, tuple(shape), 0
+    self._tmp = path + ".tmp"
+    self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+    self._f = self._zip.open("arr_0.npy", "w", force_zip64=True)
+    np.lib.format.write_array_header_2_0(
+        self._f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                  "fortran_order": False, "shape": self.shape})
+
+  def write(self, images: np.ndarray):
+    images = np.ascontiguousarray(images, np.uint8)
+    if images.shape[1:] != self.shape[1:] or self.written + len(images) > self.shape[0]:
+      raise ValueError(f"NpzWriter: batch {images.shape} does not fit {self.shape} after "
+                       f"{self.written} images")
+    self._f.write(images.tobytes())
+    self.written += len(images)
+
+  def close(self):
+    if self.written != self.shape[0]:
+      raise ValueError(f"NpzWriter: wrote {self.written} of {self.shape[0]} images")
+    self._f.close()
+    self._zip.close()
+    os.replace(self._tmp, self.path)
+
+
+def _padded_labels(num_samples: int, num_classes: int, batch: int) -> tuple[np.ndarray, int]:
+  labels = flow.class_uniform_labels(num_samples, num_classes)
+  total = -(-num_samples // batch) * batch
+  return np.concatenate([labels, np.zeros(total - num_samples, np.int32)]), total
+
+
+def _grid_indices(num_samples: int, num_classes: int, n: int) -> np.ndarray:
+  """The first images of each class block, interleaved class by class, at most n."""
+  per = num_samples // num_classes
+  idx = [c * per + k for k in range(per) for c in range(num_classes)]
+  return np.asarray(idx[:n], np.int64)
+
+
+def plan(config) -> dict:
+  s = config.sample
+  per_class = s.num_samples // s.num_classes if s.num_samples % s.num_classes == 0 else None
+  return {"stage": "sample", "dit": config.dit.init_from, "gae": config.gae.init_from,
+          "num_samples": s.num_samples, "num_classes": s.num_classes,
+          "per_class": per_class, "global_batch": config.batch_size,
+          "calls": -(-s.num_samples // config.batch_size),
+          "sampler": dict(s.to_dict())}
+
+
+def _resolve_gae(config, dit_path: str) -> str:
+  if config.gae.init_from:
+    return config.gae.init_from
+  import json  # pylint: disable=g-import-not-at-top
+  from gae_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
+  cfg_path = os.path.join(dit_path, "config.json")
+  if os.path.isdir(dit_path) and os.path.isfile(cfg_path):
+    with open(cfg_path) as f:
+      cfg = json.load(f)
+    gae = (cfg.get("gae") or {}).get("init_from")
+    cache = (cfg.get("data") or {}).get("cache_dir")
+    if not gae and cache:
+      gae = latents_lib.load_manifest(cache).get("gae")
+    if gae:
+      return gae
+  raise ValueError("config.gae.init_from is not set and cannot be found from "
+                   f"config.dit.init_from={dit_path} (a flow workdir records its cache's GAE)")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Samples, decodes and writes `<workdir>/<output>.npz` + `.png`; returns a summary."""
+  from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from gae_jax.convert import dit as dit_convert  # pylint: disable=g-import-not-at-top
+  s = config.sample
+  if not config.dit.init_from:
+    raise ValueError("config.dit.init_from must name a flow workdir or the authors' .pt")
+  common.write_config(config, workdir)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  rules = sharding_lib.rules_from_config(config.sharding_rules)
+  sharding_lib.global_batch_check(config.batch_size, mesh, rules)
+  handle = dit_convert.load_dit(config.dit.init_from, config.dit.stats,
+                                use_ema=config.dit.use_ema, num_heads=config.dit.num_heads,
+                                dtype=common.compute_dtype(config))
+  if handle.mean is None:
+    raise ValueError(f"no latent statistics for {config.dit.init_from}: set config.dit.stats")
+  if s.num_classes != handle.num_classes:
+    raise ValueError(f"config.sample.num_classes={s.num_classes} but the DiT has "
+                     f"{handle.num_classes} classes")
+  gae = pretrained.load_gae(_resolve_gae(config, config.dit.init_from))
+  if gae.latent_shape != handle.latent_shape:
+    raise ValueError(f"GAE latents {gae.latent_shape} do not match the DiT's "
+                     f"{handle.latent_shape}")
+  rep = sharding_lib.replicated(mesh)
+  dit_params = jax.device_put(handle.params, rep)
+  gae_params = jax.device_put(gae.params, rep)
+  mean, std = jax.device_put((handle.mean, handle.std), rep)
+  batch = config.batch_size
+  labels, total = _padded_labels(s.num_samples, s.num_classes, batch)
+  t0 = time.perf_counter()
+  compiled = compile_generate(handle.model, gae.model, s, mesh, rules, batch,
+                              handle.latent_shape, dit_params, gae_params)
+  logging.info("sample: compiled in %.1fs; %d samples (%d per class) in %d calls of %d",
+               time.perf_counter() - t0, s.num_samples, s.num_samples // s.num_classes,
+               total // batch, batch)
+  data = sharding_lib.data_sharding(mesh, rules)
+  size = gae.config.image_size
+  os.makedirs(workdir, exist_ok=True)
+  npz_path = os.path.join(workdir, f"{s.output}.npz")
+  writer = NpzWriter(npz_path, (s.num_samples, size, size, 3)) if jax.process_index() == 0 \
+      else None
+  grid_idx = _grid_indices(s.num_samples, s.num_classes, s.grid_images)
+  grid = np.zeros((len(grid_idx), size, size, 3), np.uint8)
+  base_key = jax.random.key(s.seed)
+  make_noise = jax.jit(functools.partial(noise_for, s.seed, shape=handle.latent_shape),
+                       out_shardings=data)
+  t0 = time.perf_counter()
+  for call, start in enumerate(range(0, total, batch)):
+    with jax.set_mesh(mesh):
+      noise = make_noise(np.arange(start, start + batch, dtype=np.uint32))
+    y = global_array(labels[start:start + batch], data)
+    rng = jax.random.fold_in(jax.random.fold_in(base_key, 1), call)
+    with jax.set_mesh(mesh):
+      images = compiled(dit_params, gae_params, noise, y, rng, mean, std)
+    images = common.to_host_images(images)
+    keep = min(batch, s.num_samples - start)
+    if writer is not None:
+      writer.write(images[:keep])
+    sel = (grid_idx >= start) & (grid_idx < start + keep)
+    grid[sel] = images[grid_idx[sel] - start]
+    if call % max(1, config.log_every) == 0:
+      done = start + keep
+      rate = done / max(time.perf_counter() - t0, 1e-9)
+      logging.info("sample: %d/%d images, %.2f img/s", done, s.num_samples, rate)
+  seconds = time.perf_counter() - t0
+  png_path = os.path.join(workdir, f"{s.output}.png")
+  if writer is not None:
+    writer.close()
+    ncols = min(s.num_classes, 16)
+    metrics_lib.save_png(png_path, metrics_lib.image_grid(grid, ncols=ncols))
+  logging.info("sample: wrote %s (%d images) and %s in %.1fs", npz_path, s.num_samples,
+               png_path, seconds)
+  return {"npz": npz_path, "png": png_path, "num_samples": s.num_samples,
+          "seconds": seconds}
