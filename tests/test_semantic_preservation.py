@@ -105,6 +105,7 @@ def test_sp_gradients_reach_only_the_pixel_branch(tmp_path, align):
     assert not _nonzero(fg.teacher)
 
 
+@pytest.mark.slow
 def test_train_step_sp_weight_changes_only_encoder_side(tmp_path):
   """In the jitted step, lambda_sp changes the encoder's gradients, not the decoder's."""
   teacher_dir, _ = _teacher_dir(tmp_path)
