@@ -275,3 +275,14 @@ def test_autoguidance():
                              atol=1e-6)
   t = jnp.full((4,), 0.2)
   np.testing.assert_allclose(ag(x, t, y), main(x, t, y), rtol=1e-6, atol=1e-6)
+
+
+def test_flow_loss_gradient_finite_at_zero_prediction():
+  """adaLN-Zero makes the DiT output exactly 0 at init: the loss gradient must stay finite."""
+  import jax
+  import jax.numpy as jnp
+  from gae_jax import flow
+  u = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+  g = jax.grad(lambda v: flow.flow_loss(v, u)[0])(jnp.zeros_like(u))
+  assert bool(jnp.all(jnp.isfinite(g)))
+  assert float(jnp.abs(g).max()) > 0

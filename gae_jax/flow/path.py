@@ -57,7 +57,7 @@ def flow_loss(v: jax.Array, u: jax.Array, eps: float = 1e-8
   v = v.astype(jnp.float32)
   u = u.astype(jnp.float32)
   mse = jnp.mean(jnp.square(v - u))
-  norms = jnp.linalg.norm(v, axis=-1) * jnp.linalg.norm(u, axis=-1)
-  cos = jnp.sum(v * u, axis=-1) / jnp.maximum(norms, eps)
+  safe_norm = lambda x: jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1), eps * eps))
+  cos = jnp.sum(v * u, axis=-1) / (safe_norm(v) * safe_norm(u))
   cos_loss = jnp.mean(1.0 - cos)
   return mse + cos_loss, {"mse": mse, "cos": cos_loss}
