@@ -124,3 +124,9 @@ def tree_size(tree) -> int:
 
 def dtype_from_name(name: str):
   return jnp.dtype(name)
+
+
+def global_array(x: np.ndarray, sharding) -> jax.Array:
+  """A host array every process holds in full -> a global jax.Array with `sharding`."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])

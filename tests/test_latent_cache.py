@@ -114,7 +114,6 @@ def test_interrupted_extraction_resumes(full_cache, gae_dir, tmp_path):
 def test_reader_flips_and_resumes(full_cache):
   cache_dir, _ = full_cache
   recs = {int(r["index"]): r for r in _records(cache_dir)}
-  by_label = {}
   it = latents_lib.make_latent_iterator(cache_dir, batch_size=8, seed=3,
                                         process_index=0, process_count=1, read_threads=1)
   kinds = set()

@@ -250,7 +250,6 @@ def test_convert_cli_then_load_dir(small_gae, small_ckpt, tmp_path, capsys):
 
 def test_dinov2_wrapper_file_and_converted_dir(tmp_path):
   """load_dinov2 on a tiny torch-hub file and on its `python -m gae_jax.convert` output."""
-  import flax.linen as nn
   from gae_jax.convert import __main__ as convert_main
   from gae_jax.convert import dinov2 as dinov2_convert
   from gae_jax.models import dinov2 as dinov2_lib

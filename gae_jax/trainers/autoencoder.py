@@ -9,7 +9,6 @@ non-donated argument and never enter the optimizer or the checkpoint.
 import dataclasses
 import functools
 import os
-import time
 from typing import Any
 
 from absl import logging
@@ -20,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gae_jax import checkpoint as ckpt_lib
 from gae_jax import losses
 from gae_jax import metrics as metrics_lib
 from gae_jax import sharding as sharding_lib
@@ -501,60 +499,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.write_config(config, workdir)
   s = Setup(config)
   frozen = load_frozen(config, s.mesh)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               save_every=config.ckpt_every, keep=config.keep_ckpts)
+  ckpt = common.checkpointer(config, workdir)
   train_iter = s.train_iterator()
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(s.abstract_state, train_iter)
-    logging.info("Resuming at step %d", int(state.step))
-  else:
+
+  def init():
     state = s.init_state()
     if config.get("init_from"):
       state = init_from_pretrained(state, s, config.init_from)
-  if int(state.step) >= config.total_steps:
-    logging.info("Checkpoint step %d already reaches total_steps=%d: nothing to do",
-                 int(state.step), config.total_steps)
-    ckpt.close()
+    return state
+
+  state = common.restore_or_init(ckpt, s.abstract_state, train_iter, init, config.total_steps)
+  if state is None:
     return {}
   compiled = s.compile_train_step(frozen)
   eval_fn = s.eval_fn()
   eval_batch = s.eval_batch()
-  writer = metrics_lib.MetricWriter(workdir)
-  start = int(state.step)
-  progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
-  last = {}
-  logging.info("Training from step %d to %d (global batch %d, mesh %s)", start,
-               config.total_steps, config.batch_size, dict(s.mesh.shape))
-  for step in range(start + 1, config.total_steps + 1):
-    batch = sharding_lib.to_global(next(train_iter), s.data_sharding)
-    state, m = compiled(state, batch, frozen)
-    if step % config.log_every == 0 or step == config.total_steps or step == start + 1:
-      last = common.host_metrics(m)
-      metrics_lib.check_finite(step, last)
-      last.update(progress(step))
-      writer.write_scalars(step, last)
-      logging.info("step %d/%d  loss %.4f  l1 %.4f  lpips %.4f  psnr %.2f  d_loss %.3f  "
-                   "%.2f steps/s  %.1f img/s  ETA %s", step, config.total_steps,
-                   last["loss"], last["l1"], last["lpips"], last["psnr"], last["d_loss"],
-                   last.get("steps_per_sec", 0), last.get("images_per_sec", 0),
-                   metrics_lib.format_eta(last.get("eta_min", float("nan"))))
-    if step % config.image_every == 0 or step == config.total_steps:
-      params = state.ema_params if state.ema_params is not None else state.params["generator"]
-      with jax.set_mesh(s.mesh):
-        x_hat, em = eval_fn(params, eval_batch, frozen)
-      em = {f"val/{k}": v for k, v in common.host_metrics(em).items()}
-      writer.write_scalars(step, em)
-      originals = metrics_lib.to_uint8(common.to_host_images(eval_batch["image"]))
-      recons = metrics_lib.to_uint8(common.to_host_images(x_hat))
-      pairs = np.stack([originals, recons], 1).reshape(-1, *originals.shape[1:])
-      if jax.process_index() == 0:
-        grid = metrics_lib.image_grid(pairs, ncols=8)
-        metrics_lib.save_png(os.path.join(workdir, "images", f"recon_{step:07d}.png"), grid)
-        writer.write_images(step, {"reconstructions": grid})
-      logging.info("step %d  val psnr %.2f  val lpips %.4f", step, em["val/psnr"],
-                   em["val/lpips"])
-      last.update(em)
-    ckpt.save(step, state, train_iter, force=step == config.total_steps)
-  ckpt.close()
-  writer.close()
-  return last
+
+  def evaluate(step, state, writer):
+    params = state.ema_params if state.ema_params is not None else state.params["generator"]
+    x_hat, em = eval_fn(params, eval_batch, frozen)
+    em = {f"val/{k}": v for k, v in common.host_metrics(em).items()}
+    writer.write_scalars(step, em)
+    originals = metrics_lib.to_uint8(common.to_host_images(eval_batch["image"]))
+    recons = metrics_lib.to_uint8(common.to_host_images(x_hat))
+    pairs = np.stack([originals, recons], 1).reshape(-1, *originals.shape[1:])
+    if jax.process_index() == 0:
+      grid = metrics_lib.image_grid(pairs, ncols=8)
+      metrics_lib.save_png(os.path.join(workdir, "images", f"recon_{step:07d}.png"), grid)
+      writer.write_images(step, {"reconstructions": grid})
+    logging.info("step %d  val psnr %.2f  val lpips %.4f", step, em["val/psnr"],
+                 em["val/lpips"])
+    return em
+
+  return common.run_loop(
+      config, workdir, state=state, step_fn=lambda st, b: compiled(st, b, frozen),
+      train_iter=train_iter, data_sharding=s.data_sharding, ckpt=ckpt,
+      log_keys=(("loss", ".4f"), ("l1", ".4f"), ("lpips", ".4f"), ("psnr", ".2f"),
+                ("d_loss", ".3f")),
+      periodic=((config.image_every, evaluate),))

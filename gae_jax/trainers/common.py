@@ -8,10 +8,9 @@ init or restore -> AOT-compiled step -> loop with metrics, image grids and check
 
 import json
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from absl import logging
-import flax
 from flax import struct
 import flax.linen as nn
 import jax
@@ -20,6 +19,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from gae_jax import checkpoint as ckpt_lib
+from gae_jax import metrics as metrics_lib
 from gae_jax import sharding as sharding_lib
 
 
@@ -161,3 +162,76 @@ def to_host_images(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
   return np.asarray(jax.device_get(x))
+
+
+# ------------------------------------------------------------------------------- loop
+
+
+def checkpointer(config, workdir: str):
+  """The run's Checkpointer: <workdir>/checkpoints, every config.ckpt_every, keep_ckpts."""
+  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               save_every=config.ckpt_every, keep=config.keep_ckpts)
+
+
+def restore_or_init(ckpt, abstract_state, train_iter, init_fn: Callable[[], Any],
+                    total_steps: int):
+  """The latest checkpoint (state + data iterator) or `init_fn()`; None when already done.
+
+  Closes `ckpt` in the None case (the run has nothing left to do).
+  """
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(abstract_state, train_iter)
+    logging.info("Resuming at step %d (optimizer, EMA and data state restored)",
+                 int(state.step))
+  else:
+    state = init_fn()
+  if int(state.step) >= total_steps:
+    logging.info("Checkpoint step %d already reaches total_steps=%d: nothing to do",
+                 int(state.step), total_steps)
+    ckpt.close()
+    return None
+  return state
+
+
+def run_loop(config, workdir: str, *, state, step_fn: Callable[[Any, dict], tuple[Any, Any]],
+             train_iter, data_sharding, ckpt, log_keys: tuple[tuple[str, str], ...],
+             periodic: tuple[tuple[int, Callable], ...] = (), banner: str = "") -> dict:
+  """Steps `state` to config.total_steps; returns the last logged metrics.
+
+  step_fn(state, global_batch) -> (state, device metrics). Every config.log_every steps
+  (and on the first and last) the metrics are checked finite, written and logged with
+  `log_keys` ((name, format) pairs). `periodic` holds (every, fn(step, state, writer) ->
+  dict) actions (eval, image grids) run every `every` steps and on the last; their dicts
+  join the returned metrics. A checkpoint (with the data iterator) is offered every step:
+  the Checkpointer saves on its interval, on preemption and (forced) on the last step.
+  """
+  total = int(config.total_steps)
+  writer = metrics_lib.MetricWriter(workdir)
+  start = int(state.step)
+  progress = metrics_lib.Progress(total, config.batch_size, start)
+  mesh = data_sharding.mesh
+  logging.info("%sTraining from step %d to %d (global batch %d, mesh %s)",
+               f"{banner}: " if banner else "", start, total, config.batch_size,
+               dict(mesh.shape))
+  fmt = "  ".join(f"{k} %{f}" for k, f in log_keys)
+  last = {}
+  for step in range(start + 1, total + 1):
+    batch = sharding_lib.to_global(next(train_iter), data_sharding)
+    state, m = step_fn(state, batch)
+    if step % config.log_every == 0 or step == total or step == start + 1:
+      last = host_metrics(m)
+      metrics_lib.check_finite(step, last)
+      last.update(progress(step))
+      writer.write_scalars(step, last)
+      logging.info("step %d/%d  " + fmt + "  %.2f steps/s  %.1f img/s  ETA %s", step, total,
+                   *(last[k] for k, _ in log_keys), last.get("steps_per_sec", 0),
+                   last.get("images_per_sec", 0),
+                   metrics_lib.format_eta(last.get("eta_min", float("nan"))))
+    for every, fn in periodic:
+      if every and (step % every == 0 or step == total):
+        with jax.set_mesh(mesh):
+          last.update(fn(step, state, writer) or {})
+    ckpt.save(step, state, train_iter, force=step == total)
+  ckpt.close()
+  writer.close()
+  return last

@@ -15,7 +15,7 @@ are decoded with the cache's GAE and written to `<workdir>/images/samples_<step>
 
 import functools
 import os
-from typing import Any, Optional
+from typing import Optional
 
 from absl import logging
 import flax.linen as nn
@@ -24,14 +24,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from gae_jax import checkpoint as ckpt_lib
 from gae_jax import flow
 from gae_jax import metrics as metrics_lib
 from gae_jax import sharding as sharding_lib
 from gae_jax.data import latents as latents_lib
+from gae_jax.flow import generate as generate_lib
 from gae_jax.models import dit as dit_lib
 from gae_jax.trainers import common
-from gae_jax.trainers import sample as sample_lib
 
 
 def build_model(config, dtype=None) -> dit_lib.LightningDiT:
@@ -66,29 +65,6 @@ def _init_fn(config, model, rng):
                            rng=jax.random.key_data(k_state), ema_params=params)
 
 
-def _norm(x: jax.Array) -> jax.Array:
-  """|x| over the last axis with a zero (not NaN) gradient at x = 0 (torch's convention)."""
-  sq = jnp.sum(jnp.square(x), axis=-1)
-  safe = jnp.where(sq > 0, sq, 1.0)
-  return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
-
-
-def flow_loss(v: jax.Array, u: jax.Array, eps: float = 1e-8) -> tuple[jax.Array, dict]:
-  """`gae_jax.flow.flow_loss` (MSE + mean(1 - cos) over channels) with a NaN-free gradient.
-
-  flow.flow_loss takes jnp.linalg.norm, whose gradient at 0 is NaN, and adaLN-Zero makes
-  the DiT's initial output exactly 0, so the very first step would be NaN. Here cos is
-  torch's `cosine_similarity` (each norm clamped at eps): the same values whenever both
-  norms exceed eps (tests/test_flow_trainer.py checks), and at v = 0 torch's gradient
-  u / (|u| eps), as in the released training. Drop once flow.flow_loss is safe at v = 0.
-  """
-  v, u = v.astype(jnp.float32), u.astype(jnp.float32)
-  mse = jnp.mean(jnp.square(v - u))
-  cos = jnp.sum(v * u, axis=-1) / (jnp.maximum(_norm(v), eps) * jnp.maximum(_norm(u), eps))
-  cos_loss = jnp.mean(1.0 - cos)
-  return mse + cos_loss, {"mse": mse, "cos": cos_loss}
-
-
 def train_step(state: common.TrainState, batch: dict, stats: dict, *, model, config
                ) -> tuple[common.TrainState, dict]:
   """One AdamW + EMA update on a batch of raw latents. Pure; jitted with donation."""
@@ -101,7 +77,7 @@ def train_step(state: common.TrainState, batch: dict, stats: dict, *, model, con
   def loss_fn(params):
     v = model.apply({"params": params}, x_t, t, batch["label"], train=True,
                     rngs={"dropout": k_drop})
-    return flow_loss(v, u)
+    return flow.flow_loss(v, u)
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
@@ -196,11 +172,11 @@ class SampleGrid:
     n_dev = setup.data_sharding.mesh.size
     classes = min(c.model.num_classes, setup.manifest["num_classes"])
     n = max(n_dev, -(-c.num_eval_images // n_dev) * n_dev)
-    self.labels = sample_lib.global_array(np.arange(n, dtype=np.int32) % classes,
+    self.labels = sharding_lib.global_array(np.arange(n, dtype=np.int32) % classes,
                                           setup.data_sharding)
     with jax.set_mesh(setup.mesh):
       self.noise = jax.jit(
-          functools.partial(sample_lib.noise_for, c.seed + 1, shape=latent_shape(c)),
+          functools.partial(generate_lib.noise_for, c.seed + 1, shape=latent_shape(c)),
           out_shardings=setup.data_sharding)(np.arange(n, dtype=np.uint32))
     self.gae_params = jax.device_put(self.gae.params, setup.replicated)
     self.setup = setup
@@ -209,7 +185,7 @@ class SampleGrid:
   def __call__(self, ema_params, stats) -> np.ndarray:
     s = self.setup
     if self._compiled is None:
-      self._compiled = sample_lib.compile_generate(
+      self._compiled = generate_lib.compile_generate(
           s.model, self.gae.model, s.config.sample_grid, s.mesh, s.rules,
           self.labels.shape[0], latent_shape(s.config), ema_params, self.gae_params)
     with jax.set_mesh(s.mesh):
@@ -253,19 +229,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.write_config(config, workdir)
   s = Setup(config)
   stats = s.stats()
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               save_every=config.ckpt_every, keep=config.keep_ckpts)
+  ckpt = common.checkpointer(config, workdir)
   train_iter = s.train_iterator()
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(s.abstract_state, train_iter)
-    logging.info("Resuming at step %d (optimizer, EMA and data state restored)",
-                 int(state.step))
-  else:
-    state = s.init_state()
-  if int(state.step) >= config.total_steps:
-    logging.info("Checkpoint step %d already reaches total_steps=%d: nothing to do",
-                 int(state.step), config.total_steps)
-    ckpt.close()
+  state = common.restore_or_init(ckpt, s.abstract_state, train_iter, s.init_state,
+                                 config.total_steps)
+  if state is None:
     return {}
   compiled = s.compile_train_step()
   grid = None
@@ -274,34 +242,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     grid = SampleGrid(s, gae_path)
   elif config.image_every:
     logging.warning("No GAE known (config.gae.init_from, cache manifest): no sample grids")
-  writer = metrics_lib.MetricWriter(workdir)
-  start = int(state.step)
-  progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
-  last = {}
-  logging.info("Training from step %d to %d (global batch %d, mesh %s)", start,
-               config.total_steps, config.batch_size, dict(s.mesh.shape))
-  for step in range(start + 1, config.total_steps + 1):
-    batch = sharding_lib.to_global(next(train_iter), s.data_sharding)
-    state, m = compiled(state, batch, stats)
-    if step % config.log_every == 0 or step == config.total_steps or step == start + 1:
-      last = common.host_metrics(m)
-      metrics_lib.check_finite(step, last)
-      last.update(progress(step))
-      writer.write_scalars(step, last)
-      logging.info("step %d/%d  loss %.4f  mse %.4f  cos %.4f  grad %.3f  %.2f steps/s  "
-                   "%.1f img/s  ETA %s", step, config.total_steps, last["loss"], last["mse"],
-                   last["cos"], last["grad_norm"], last.get("steps_per_sec", 0),
-                   last.get("images_per_sec", 0),
-                   metrics_lib.format_eta(last.get("eta_min", float("nan"))))
-    if grid is not None and (step % config.image_every == 0 or step == config.total_steps):
-      images = grid(state.ema_params, stats)
-      if jax.process_index() == 0:
-        png = metrics_lib.image_grid(images, ncols=8)
-        path = os.path.join(workdir, "images", f"samples_{step:07d}.png")
-        metrics_lib.save_png(path, png)
-        writer.write_images(step, {"samples": png})
-        logging.info("step %d  wrote %s", step, path)
-    ckpt.save(step, state, train_iter, force=step == config.total_steps)
-  ckpt.close()
-  writer.close()
-  return last
+
+  def sample_grid(step, state, writer):
+    images = grid(state.ema_params, stats)
+    if jax.process_index() == 0:
+      png = metrics_lib.image_grid(images, ncols=8)
+      path = os.path.join(workdir, "images", f"samples_{step:07d}.png")
+      metrics_lib.save_png(path, png)
+      writer.write_images(step, {"samples": png})
+      logging.info("step %d  wrote %s", step, path)
+    return {}
+
+  return common.run_loop(
+      config, workdir, state=state, step_fn=lambda st, b: compiled(st, b, stats),
+      train_iter=train_iter, data_sharding=s.data_sharding, ckpt=ckpt,
+      log_keys=(("loss", ".4f"), ("mse", ".4f"), ("cos", ".4f"), ("grad_norm", ".3f")),
+      periodic=((config.image_every if grid is not None else 0, sample_grid),))

@@ -12,80 +12,24 @@ layout, streamed to disk batch by batch) and `<output>.png`, a grid of the first
 of every class. Initial noise of sample i is N(0, I) from fold_in(seed, i), so a sample does
 not depend on the batch size or the mesh.
 
-`generate` and `velocity_fn` are also used for the flow trainer's sample grids.
+The generator itself (sampler + decode, one jit) is gae_jax/flow/generate.py.
 """
 
 import functools
 import os
 import time
 import zipfile
-from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from gae_jax import flow
 from gae_jax import metrics as metrics_lib
 from gae_jax import sharding as sharding_lib
-from gae_jax.models import gae as gae_lib
+from gae_jax.flow import generate as generate_lib
 from gae_jax.trainers import common
-
-
-def velocity_fn(model, params, sampling) -> flow.VelocityFn:
-  """The DiT as v(x, t, y), CFG-wrapped when sampling.cfg_scale != 1."""
-  v = lambda x, t, y: model.apply({"params": params}, x, t, y)
-  if float(sampling.cfg_scale) != 1.0:
-    v = flow.cfg_velocity(v, float(sampling.cfg_scale), null_label=model.null_label,
-                          interval_start=float(sampling.cfg_interval))
-  return v
-
-
-def generate(dit_params, gae_params, noise, labels, rng, mean, std, *, dit, gae, sampling
-             ) -> jax.Array:
-  """noise (B, h, w, d), labels (B,) -> uint8 images (B, H, W, 3). Pure; jit it."""
-  x = flow.sample(velocity_fn(dit, dit_params, sampling), noise, labels, rng,
-                  mode=sampling.mode, num_steps=int(sampling.num_steps),
-                  shift=float(sampling.shift), last_step=sampling.get("last_step", "mean"))
-  z = x * std + mean
-  img = gae.apply({"params": gae_params}, z, method=gae_lib.GAE.decode)
-  return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
-def global_array(x: np.ndarray, sharding) -> jax.Array:
-  """A host array every process holds in full -> a global jax.Array with `sharding`."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
-def noise_for(seed: int, indices, shape: tuple[int, ...]) -> jax.Array:
-  """N(0, I) noise of samples `indices`, each from fold_in(key(seed), index)."""
-  key = jax.random.key(seed)
-  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(
-      jnp.asarray(indices, jnp.uint32))
-
-
-def compile_generate(dit, gae, sampling, mesh, rules, batch: int, latent_shape, dit_params,
-                     gae_params):
-  """AOT-compiled generate(dit_params, gae_params, noise, labels, rng, mean, std), batch-sharded."""
-  data = sharding_lib.data_sharding(mesh, rules)
-  rep = sharding_lib.replicated(mesh)
-  fn = functools.partial(generate, dit=dit, gae=gae, sampling=sampling)
-  param_sh = lambda t: jax.tree.map(lambda a: a.sharding if isinstance(a, jax.Array) else rep, t)
-  jitted = jax.jit(fn, in_shardings=(param_sh(dit_params), param_sh(gae_params), data, data,
-                                     rep, rep, rep), out_shardings=data)
-  abs_ = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
-  d = latent_shape[-1]
-  with jax.set_mesh(mesh):
-    return jitted.lower(
-        abs_(dit_params), abs_(gae_params),
-        jax.ShapeDtypeStruct((batch, *latent_shape), jnp.float32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-        jax.eval_shape(lambda: jax.random.key(0)),
-        jax.ShapeDtypeStruct((d,), jnp.float32), jax.ShapeDtypeStruct((d,), jnp.float32),
-    ).compile()
 
 
 class NpzWriter:
@@ -188,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch = config.batch_size
   labels, total = _padded_labels(s.num_samples, s.num_classes, batch)
   t0 = time.perf_counter()
-  compiled = compile_generate(handle.model, gae.model, s, mesh, rules, batch,
+  compiled = generate_lib.compile_generate(handle.model, gae.model, s, mesh, rules, batch,
                               handle.latent_shape, dit_params, gae_params)
   logging.info("sample: compiled in %.1fs; %d samples (%d per class) in %d calls of %d",
                time.perf_counter() - t0, s.num_samples, s.num_samples // s.num_classes,
@@ -202,13 +146,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   grid_idx = _grid_indices(s.num_samples, s.num_classes, s.grid_images)
   grid = np.zeros((len(grid_idx), size, size, 3), np.uint8)
   base_key = jax.random.key(s.seed)
-  make_noise = jax.jit(functools.partial(noise_for, s.seed, shape=handle.latent_shape),
+  make_noise = jax.jit(functools.partial(generate_lib.noise_for, s.seed, shape=handle.latent_shape),
                        out_shardings=data)
   t0 = time.perf_counter()
   for call, start in enumerate(range(0, total, batch)):
     with jax.set_mesh(mesh):
       noise = make_noise(np.arange(start, start + batch, dtype=np.uint32))
-    y = global_array(labels[start:start + batch], data)
+    y = sharding_lib.global_array(labels[start:start + batch], data)
     rng = jax.random.fold_in(jax.random.fold_in(base_key, 1), call)
     with jax.set_mesh(mesh):
       images = compiled(dit_params, gae_params, noise, y, rng, mean, std)

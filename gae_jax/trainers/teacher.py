@@ -366,51 +366,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.teacher.downsampler == "svd":
     return fit_svd(config, workdir, s)
   frozen = s.load_frozen()
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               save_every=config.ckpt_every, keep=config.keep_ckpts)
+  ckpt = common.checkpointer(config, workdir)
   train_iter = s.train_iterator()
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(s.abstract_state, train_iter)
-    logging.info("Resuming at step %d", int(state.step))
-  else:
-    state = s.init_state()
-  if int(state.step) >= config.total_steps:
-    logging.info("Checkpoint step %d already reaches total_steps=%d: nothing to do",
-                 int(state.step), config.total_steps)
-    ckpt.close()
+  state = common.restore_or_init(ckpt, s.abstract_state, train_iter, s.init_state,
+                                 config.total_steps)
+  if state is None:
     return {}
   compiled = s.compile_train_step(frozen)
   eval_fn = s.eval_fn()
   eval_batch = s.eval_batch()
-  writer = metrics_lib.MetricWriter(workdir)
-  start = int(state.step)
-  progress = metrics_lib.Progress(config.total_steps, config.batch_size, start)
-  last = {}
-  logging.info("Training the %s teacher (d=%d) on %s features from step %d to %d "
-               "(global batch %d, mesh %s)", config.teacher.downsampler,
-               config.teacher.latent_dim, s.backend.name, start, config.total_steps,
-               config.batch_size, dict(s.mesh.shape))
-  for step in range(start + 1, config.total_steps + 1):
-    batch = sharding_lib.to_global(next(train_iter), s.data_sharding)
-    state, m = compiled(state, batch, frozen)
-    if step % config.log_every == 0 or step == config.total_steps or step == start + 1:
-      last = common.host_metrics(m)
-      metrics_lib.check_finite(step, last)
-      last.update(progress(step))
-      writer.write_scalars(step, last)
-      logging.info("step %d/%d  loss %.4f  cos %.4f  lr %.2e  %.2f steps/s  %.1f img/s  "
-                   "ETA %s", step, config.total_steps, last["loss"], last["cos"], last["lr"],
-                   last.get("steps_per_sec", 0), last.get("images_per_sec", 0),
-                   metrics_lib.format_eta(last.get("eta_min", float("nan"))))
-    if step % config.eval_every == 0 or step == config.total_steps:
-      with jax.set_mesh(s.mesh):
-        em = eval_fn(state.params, eval_batch, frozen)
-      em = {f"val/{k}": v for k, v in common.host_metrics(em).items()}
-      writer.write_scalars(step, em)
-      logging.info("step %d  val loss %.4f  val cos %.4f", step, em["val/loss"],
-                   em["val/cos"])
-      last.update(em)
-    ckpt.save(step, state, train_iter, force=step == config.total_steps)
-  ckpt.close()
-  writer.close()
-  return last
+
+  def evaluate(step, state, writer):
+    em = eval_fn(state.params, eval_batch, frozen)
+    em = {f"val/{k}": v for k, v in common.host_metrics(em).items()}
+    writer.write_scalars(step, em)
+    logging.info("step %d  val loss %.4f  val cos %.4f", step, em["val/loss"], em["val/cos"])
+    return em
+
+  return common.run_loop(
+      config, workdir, state=state, step_fn=lambda st, b: compiled(st, b, frozen),
+      train_iter=train_iter, data_sharding=s.data_sharding, ckpt=ckpt,
+      log_keys=(("loss", ".4f"), ("cos", ".4f"), ("lr", ".2e")),
+      periodic=((config.eval_every, evaluate),),
+      banner=f"{config.teacher.downsampler} teacher (d={config.teacher.latent_dim}) on "
+             f"{s.backend.name} features")
