@@ -7,11 +7,12 @@ checkpoint written on one mesh restores onto any other.
 """
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -56,6 +57,8 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+    check_matches(metadata_tree(self.directory, step), abstract_state,
+                  f"checkpoint {self.directory}/{step}")
     items = dict(state=ocp.args.StandardRestore(abstract_state))
     if data_iter is not None:
       if "data_iter" not in self._saved_items(step):
@@ -81,18 +84,74 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params(directory: str, step: Optional[int] = None, item: str = "state") -> Any:
+def metadata_tree(directory: str, step: int, item: str = "state") -> Any:
+  """The saved tree of `item` at `step` with ArrayMetadata leaves (shape, dtype); no data."""
+  with ocp.CheckpointManager(directory, item_names=(item,),
+                             item_handlers={item: ocp.PyTreeCheckpointHandler()},
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    tree = mngr.item_metadata(step)[item]
+  return tree.tree if hasattr(tree, "tree") else tree
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                  for k in path)
+
+
+def check_matches(saved: Any, abstract: Any, what: str) -> None:
+  """Raises a ValueError naming the first entry where `abstract` and the saved tree differ."""
+  got = {_path_str(p): tuple(m.shape) for p, m in
+         jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(m, "shape")}
+  want = {_path_str(p): tuple(a.shape) for p, a in
+          jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  hint = "(changed model or optimizer config?)"
+  missing = sorted(set(want) - set(got))
+  if missing:
+    raise ValueError(f"{what} does not match this run's train state: it lacks {missing[0]}"
+                     f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} {hint}")
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise ValueError(f"{what} does not match this run's train state: it has {extra[0]}, "
+                     f"which this run lacks{f' (+{len(extra) - 1} more)' if len(extra) > 1 else ''}"
+                     f" {hint}")
+  for k in sorted(want):
+    if got[k] != want[k]:
+      raise ValueError(f"{what} does not match this run's train state at {k}: shape "
+                       f"{got[k]} saved, {want[k]} expected {hint}")
+
+
+def restore_params(directory: str, step: Optional[int] = None, item: str = "state",
+                   keys: Optional[Sequence[str]] = None) -> Any:
   """Reads a gae_jax checkpoint's train state as host numpy arrays (no target needed).
 
-  For notebooks and `config.init_from`: returns the raw nested dict.
+  For notebooks, loaders and `config.init_from`: returns the raw nested dict. `keys`: only
+  these top-level entries (e.g. ("params", "ema_params")); the others, the optimizer
+  moments above all, are never read, so a ViT-L state loads in a third of the memory.
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-  with ocp.CheckpointManager(directory, item_names=(item,),
+  handlers = None if keys is None else {item: ocp.PyTreeCheckpointHandler()}
+  with ocp.CheckpointManager(directory, item_names=(item,), item_handlers=handlers,
                              options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    restored = mngr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))
-  return jax.tree.map(lambda x: x, restored[item])
+    if keys is None:
+      args = ocp.args.StandardRestore()
+    else:
+      tree = metadata_tree(directory, step, item)
+      if not isinstance(tree, dict):
+        raise ValueError(f"checkpoint {directory}/{step}/{item} is not a dict of entries")
+      # Entries not asked for are PLACEHOLDER leaves: orbax skips them entirely.
+      target = {k: jax.tree.map((lambda m: np.zeros(m.shape, m.dtype)) if k in keys
+                                else (lambda _: ocp.PLACEHOLDER), v) for k, v in tree.items()}
+      args = ocp.args.PyTreeRestore(
+          item=target, restore_args=jax.tree.map(
+              lambda x: x if x is ocp.PLACEHOLDER else ocp.RestoreArgs(restore_type=np.ndarray),
+              target))
+    restored = mngr.restore(step, args=ocp.args.Composite(**{item: args}))
+  out = restored[item]
+  if keys is not None:
+    out = {k: v for k, v in out.items() if k in keys}
+  return jax.tree.map(lambda x: x, out)

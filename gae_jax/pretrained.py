@@ -204,7 +204,9 @@ def _read_dir(path: str, kind: str, step: Optional[int] = None) -> tuple[dict, A
   found = cfg.get("kind") or {"autoencoder": "gae"}.get(cfg.get("stage"), cfg.get("stage"))
   if found != kind:
     raise ValueError(f"{path} holds a {found!r} checkpoint ({config_path}), not {kind!r}")
-  return cfg, ckpt_lib.restore_params(ckpt_dir, step=step)
+  # Weights only: the optimizer moments (2/3 of a train state) are never read.
+  return cfg, ckpt_lib.restore_params(ckpt_dir, step=step,
+                                      keys=("step", "params", "ema_params", "model_state"))
 
 
 def _gae_fields(cfg: dict, config_path: str) -> dict:

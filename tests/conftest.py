@@ -1,12 +1,25 @@
-"""Test session setup: 8 fake CPU devices for the mesh/sharding tests, a private cache dir."""
+"""Test session setup: 8 fake CPU devices for the mesh/sharding tests, a compilation cache.
+
+XLA executables are cached on disk (jax's persistent compilation cache, also inherited by
+the `python -m gae_jax.main` subprocesses): tests that compile the same tiny trainer step
+again (resume, a second run, the CLI) load it instead of recompiling. Directory:
+$GAE_JAX_TEST_XLA_CACHE (empty: off), default <tmp>/gae_jax_test_xla_cache.
+"""
 
 import os
+import tempfile
 
 # Must happen before jax initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_xla_cache = os.environ.get("GAE_JAX_TEST_XLA_CACHE",
+                            os.path.join(tempfile.gettempdir(), "gae_jax_test_xla_cache"))
+if _xla_cache:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _xla_cache)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -319,7 +319,7 @@ def _load_flow_workdir(path: str, *, use_ema: bool, step: Optional[int]
     cfg = json.load(f)
   if cfg.get("stage") != "flow":
     raise ValueError(f"{workdir}/config.json is a {cfg.get('stage')!r} run, not a 'flow' run")
-  state = ckpt_lib.restore_params(ckpt_dir, step=step)
+  state = ckpt_lib.restore_params(ckpt_dir, step=step, keys=("params", "ema_params"))
   params = state.get("ema_params") if use_ema else None
   if params is None:
     params = state["params"]
