@@ -84,6 +84,13 @@ def test_lpips_bf16_close_to_f32(lpips_params, photo_pairs):
   d32 = np.asarray(jax.jit(vgg.LPIPS().apply)(lpips_params, a, b))
   d16 = jax.jit(vgg.LPIPS(dtype=jnp.bfloat16).apply)(lpips_params, a, b)
   assert d16.dtype == jnp.float32
+  if not np.all(np.isfinite(np.asarray(d16))) and jax.default_backend() == "cpu":
+    # Op by op (no XLA fusion) the same bf16 model must be right; then it is the compiler.
+    eager = np.asarray(vgg.LPIPS(dtype=jnp.bfloat16).apply(lpips_params, a, b))
+    np.testing.assert_allclose(eager[:-1], d32[:-1], rtol=3e-2)
+    pytest.xfail(f"XLA:CPU of jax {jax.__version__} miscompiles the fused bf16 conv + ReLU + "
+                 "max-pool of VGG (NaN under jit, correct op by op); bf16 is an accelerator "
+                 "setting, CPU runs force float32")
   np.testing.assert_allclose(np.asarray(d16)[:-1], d32[:-1], rtol=3e-2)
 
 
