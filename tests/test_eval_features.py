@@ -12,6 +12,9 @@ from gae_jax.evaluation import fid as fid_lib
 from gae_jax.evaluation import generation as gen_lib
 from gae_jax.evaluation import reference as reference_lib
 
+# One xdist worker runs this whole file: its module fixtures (compiles) are built once.
+pytestmark = pytest.mark.xdist_group("eval_features")
+
 N = 12  # images; with batch 8 the last batch is padded (12 = 8 + 4)
 
 

@@ -16,6 +16,9 @@ from gae_jax.trainers import cache_latents
 from gae_jax.trainers import flow as flow_trainer
 from gae_jax.trainers import sample as sample_lib
 
+# One xdist worker runs this whole file: its module fixtures (compiles) are built once.
+pytestmark = pytest.mark.xdist_group("flow_trainer")
+
 SIZE, D = 32, 4
 
 

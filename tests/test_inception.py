@@ -10,6 +10,9 @@ import pytest
 
 from gae_jax.models import inception as inception_lib
 
+# One xdist worker runs this whole file: its module fixtures (compiles) are built once.
+pytestmark = pytest.mark.xdist_group("inception")
+
 
 def _resize_reference(x: np.ndarray, h: int, w: int, half_pixel: bool) -> np.ndarray:
   """Pixel-by-pixel numpy bilinear resize of one HWC image, float64.

@@ -15,6 +15,9 @@ from gae_jax.data import pipeline
 from gae_jax.models import gae as gae_lib
 from gae_jax.trainers import cache_latents
 
+# One xdist worker runs this whole file: its module fixtures (compiles) are built once.
+pytestmark = pytest.mark.xdist_group("latent_cache")
+
 SIZE, LATENT_DIM, N = 32, 4, 40
 
 
