@@ -144,3 +144,36 @@ def test_reader_flips_and_resumes(full_cache):
   with pytest.raises(FileNotFoundError, match="manifest.json"):
     latents_lib.make_latent_iterator(os.path.dirname(cache_dir), batch_size=2, seed=0,
                                      process_index=0, process_count=1)
+
+
+def test_cached_latents_feed_the_linear_probe(full_cache):
+  """The probe on a latent cache == the probe on the same latents held in memory.
+
+  Full-batch steps (batch >= N) make the update independent of the shuffle order, so the
+  two sources must give the same head up to float summation order.
+  """
+  from gae_jax.evaluation import linear_probe as probe_lib
+  cache_dir, _ = full_cache
+  recs = sorted(_records(cache_dir), key=lambda r: int(r["index"]))
+  z = np.stack([r["latent"] for r in recs])
+  y = np.asarray([int(r["label"]) for r in recs])
+  cached = probe_lib.CachedLatents(cache_dir)
+  assert len(cached) == N and cached.shape == z.shape[1:] and cached.num_classes == 11
+  got = list(cached.batches(7, epoch=None))
+  gz = np.concatenate([b[0] for b in got])
+  gy = np.concatenate([b[1] for b in got])
+  assert [len(b[0]) for b in got] == [7] * 5 + [5]
+  order = np.argsort(gz.reshape(N, -1)[:, 0])          # the same rows, any order
+  ref = np.argsort(z.reshape(N, -1)[:, 0])
+  np.testing.assert_array_equal(gz[order], z[ref])
+  np.testing.assert_array_equal(gy[order], y[ref])
+  assert len(list(probe_lib.CachedLatents(cache_dir, max_examples=9).batches(4, epoch=0))) == 3
+  arrays = probe_lib.ArrayLatents(z, y)
+  kw = dict(num_classes=11, epochs=3, batch_size=64, lr=0.5, seed=0)
+  for head in ("flatten", "GAP"):
+    a = probe_lib.train_linear_probe(arrays, arrays, head=head, **kw)
+    c = probe_lib.train_linear_probe(cached, cached, head=head, **kw)
+    assert a.num_train == c.num_train == N
+    np.testing.assert_allclose(c.loss_curve, a.loss_curve, rtol=1e-5)
+    np.testing.assert_allclose(c.val_loss, a.val_loss, rtol=1e-5)
+    assert abs(c.top1 - a.top1) <= 1 / N
