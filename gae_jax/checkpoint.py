@@ -98,26 +98,35 @@ def _path_str(path) -> str:
                   for k in path)
 
 
-def check_matches(saved: Any, abstract: Any, what: str) -> None:
-  """Raises a ValueError naming the first entry where `abstract` and the saved tree differ."""
-  got = {_path_str(p): tuple(m.shape) for p, m in
-         jax.tree_util.tree_flatten_with_path(saved)[0] if hasattr(m, "shape")}
-  want = {_path_str(p): tuple(a.shape) for p, a in
-          jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  hint = "(changed model or optimizer config?)"
+def tree_shapes(tree: Any) -> dict[str, tuple]:
+  """{'a/b/c': shape} of every array-like leaf (anything with a .shape)."""
+  return {_path_str(p): tuple(np.shape(x)) for p, x in
+          jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
+
+
+def tree_mismatch(got: Any, want: Any) -> Optional[str]:
+  """None when both trees have the same leaf paths and shapes, else what differs first."""
+  got, want = tree_shapes(got), tree_shapes(want)
   missing = sorted(set(want) - set(got))
   if missing:
-    raise ValueError(f"{what} does not match this run's train state: it lacks {missing[0]}"
-                     f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''} {hint}")
+    more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+    return f"it lacks {missing[0]}{more}"
   extra = sorted(set(got) - set(want))
   if extra:
-    raise ValueError(f"{what} does not match this run's train state: it has {extra[0]}, "
-                     f"which this run lacks{f' (+{len(extra) - 1} more)' if len(extra) > 1 else ''}"
-                     f" {hint}")
+    more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
+    return f"it has {extra[0]}{more}, which is not expected"
   for k in sorted(want):
     if got[k] != want[k]:
-      raise ValueError(f"{what} does not match this run's train state at {k}: shape "
-                       f"{got[k]} saved, {want[k]} expected {hint}")
+      return f"{k} has shape {got[k]}, {want[k]} expected"
+  return None
+
+
+def check_matches(saved: Any, abstract: Any, what: str) -> None:
+  """Raises a ValueError naming the first entry where `abstract` and the saved tree differ."""
+  diff = tree_mismatch(saved, abstract)
+  if diff:
+    raise ValueError(f"{what} does not match this run's train state: {diff} "
+                     "(changed model or optimizer config?)")
 
 
 def restore_params(directory: str, step: Optional[int] = None, item: str = "state",

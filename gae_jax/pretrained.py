@@ -96,22 +96,10 @@ def _check_params(model: gae_lib.GAE, params: Any, image_size: int, source: str)
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   want = nn.meta.unbox(jax.eval_shape(
       lambda x: model.init({"params": jax.random.key(0)}, x), x)["params"])
-  want = {jax.tree_util.keystr(k): v.shape
-          for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-  got = {jax.tree_util.keystr(k): np.shape(v)
-         for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  missing = sorted(set(want) - set(got))
-  if missing:
-    raise ValueError(f"GAE params from {source} are missing {len(missing)} entries, e.g. "
-                     f"{', '.join(missing[:4])}")
-  extra = sorted(set(got) - set(want))
-  if extra:
-    raise ValueError(f"GAE params from {source} have unexpected entries, e.g. "
-                     f"{', '.join(extra[:4])}")
-  for k, s in want.items():
-    if tuple(got[k]) != tuple(s):
-      raise ValueError(f"GAE param {k} from {source} has shape {tuple(got[k])}, "
-                       f"expected {tuple(s)}")
+  from gae_jax import checkpoint as ckpt_lib
+  diff = ckpt_lib.tree_mismatch(params, want)
+  if diff:
+    raise ValueError(f"GAE params from {source} do not fit the model: {diff}")
 
 
 class GAEHandle:

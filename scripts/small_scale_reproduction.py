@@ -195,6 +195,14 @@ def _per_seed(results: dict, name: str, fn) -> list[float]:
   return [fn(r) for r in results[name]]
 
 
+def _save(fig, fig_dir: str, name: str) -> str:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  fig.savefig(os.path.join(fig_dir, name), dpi=110)
+  plt.close(fig)
+  return name
+
+
 def write_figures(results: dict, fig_dir: str) -> dict:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -217,10 +225,7 @@ def write_figures(results: dict, fig_dir: str) -> dict:
   ax.set_ylabel("val top-1")
   ax.set_title("Semantics of the latents (paper Tab. 6 direction)")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  figs["sp"] = "probe_vs_lambda_sp.png"
-  fig.savefig(os.path.join(fig_dir, figs["sp"]), dpi=110)
-  plt.close(fig)
+  figs["sp"] = _save(fig, fig_dir, "probe_vs_lambda_sp.png")
 
   # 2. sigma_std: robustness curves.
   fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
@@ -235,10 +240,7 @@ def write_figures(results: dict, fig_dir: str) -> dict:
     ax.set_title(label)
   axes[0].legend(fontsize=8)
   fig.suptitle("Decoder robustness D(mu + s*eps) (paper Fig. 4 direction)")
-  fig.tight_layout()
-  figs["sigma"] = "robustness_vs_sigma.png"
-  fig.savefig(os.path.join(fig_dir, figs["sigma"]), dpi=110)
-  plt.close(fig)
+  figs["sigma"] = _save(fig, fig_dir, "robustness_vs_sigma.png")
 
   # 3. latent norm vs KL: token-norm histograms.
   fig, ax = plt.subplots(figsize=(5.5, 3.2))
@@ -250,10 +252,7 @@ def write_figures(results: dict, fig_dir: str) -> dict:
   ax.set_ylabel("fraction of tokens")
   ax.set_title("Latent token norms (paper Tab. 7 setting)")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  figs["norm"] = "token_norms_norm_vs_kl.png"
-  fig.savefig(os.path.join(fig_dir, figs["norm"]), dpi=110)
-  plt.close(fig)
+  figs["norm"] = _save(fig, fig_dir, "token_norms_norm_vs_kl.png")
   return figs
 
 

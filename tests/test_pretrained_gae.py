@@ -278,3 +278,22 @@ def test_dinov2_wrapper_file_and_converted_dir(tmp_path):
     pretrained.load_dinov2(src, "L", num_heads=1)
   with pytest.raises(ValueError, match="dinov2"):
     pretrained.load_gae(dst)  # a DINOv2 directory is not a GAE
+
+
+def test_handle_names_the_param_that_does_not_fit(small_gae, tmp_path):
+  """A converted dir whose params do not fit its config fails naming the entry."""
+  import copy
+  _, params, _ = small_gae
+  fields = dict(width=128, depth=2, num_heads=2, decoder_width=128, decoder_depth=2,
+                decoder_num_heads=2, patch_size=16, latent_dim=16, image_size=SIZE)
+  ok = pretrained.save_converted(str(tmp_path / "ok"), params, fields, kind="gae")
+  assert pretrained.load_gae(ok).latent_shape == (SIZE // 16, SIZE // 16, 16)
+  bad = copy.deepcopy(jax.device_get(params))
+  bad["projector"]["kernel"] = np.zeros((3, 16), np.float32)
+  path = pretrained.save_converted(str(tmp_path / "bad"), bad, fields, kind="gae")
+  with pytest.raises(ValueError, match=r"bad.*projector/kernel has shape \(3, 16\)"):
+    pretrained.load_gae(path)
+  del bad["projector"]
+  path = pretrained.save_converted(str(tmp_path / "lacks"), bad, fields, kind="gae")
+  with pytest.raises(ValueError, match=r"lacks projector/kernel"):
+    pretrained.load_gae(path)
