@@ -38,6 +38,7 @@ VARIANTS = {
 SP_VARIANTS = ("no_sp", "gae")
 SIGMA_VARIANTS = ("sigma0", "gae", "sigma0.5")
 NORM_VARIANTS = ("no_sp", "kl")       # + a tiny DiT each (gFID)
+HIST_EDGES = np.linspace(-0.025, 2.025, 42)   # token-norm bins centred on 0, 0.05, ..., 2
 
 
 TIMINGS = "timings.jsonl"       # in --out: one row per finished command (survives resumes)
@@ -160,7 +161,7 @@ def latent_stats(workdir: str) -> dict:
       token_rms_cv=float(tok.std() / max(tok.mean(), 1e-12)),
       token_rms_p01=float(np.percentile(tok, 1)), token_rms_p99=float(np.percentile(tok, 99)),
       channel_std_min=float(ch_std.min()), channel_std_max=float(ch_std.max()),
-      token_rms_hist=np.histogram(tok, bins=40, range=(0.0, 2.0))[0].tolist())
+      token_rms_hist=np.histogram(tok, bins=HIST_EDGES)[0].tolist())
   with open(path, "w") as f:
     json.dump(stats, f, indent=2)
   return stats
@@ -244,7 +245,7 @@ def write_figures(results: dict, fig_dir: str) -> dict:
 
   # 3. latent norm vs KL: token-norm histograms.
   fig, ax = plt.subplots(figsize=(5.5, 3.2))
-  edges = np.linspace(0.0, 2.0, 41)
+  edges = HIST_EDGES
   for name in NORM_VARIANTS:
     h = np.sum([r["stats"]["token_rms_hist"] for r in results[name]], axis=0)
     ax.stairs(h / max(h.sum(), 1), edges, label=VARIANTS[name][2].split(",")[0], fill=False)
