@@ -218,3 +218,21 @@ def test_reference_stats_roundtrip_and_adm_layout(tmp_path):
     reference.load_reference_stats(tmp_path / "missing.npz")
   with pytest.raises(ValueError, match=r"\(7,\).*\(8, 8\)"):
     reference.save_stats(tmp_path / "x.npz", mu[:7], sigma)
+
+
+def test_frechet_memo_is_keyed_on_content():
+  """The eigh memo reuses a reference's decomposition but never a stale one."""
+  rng = np.random.default_rng(3)
+  x, y = rng.normal(size=(200, 16)), rng.normal(size=(200, 16)) * 1.3
+  (m1, s1), (m2, s2) = fid.stats_from_features(x), fid.stats_from_features(y)
+  fid._EIGH_CACHE.clear()
+  first = fid.frechet_distance(m1, s1, m2, s2)
+  assert len(fid._EIGH_CACHE) == 2
+  assert fid.frechet_distance(m1, s1, m2, s2) == first        # served from the memo
+  s2[0, 0] += 1.0                                                 # same object, new content
+  changed = fid.frechet_distance(m1, s1, m2, s2)
+  fid._EIGH_CACHE.clear()
+  assert changed == fid.frechet_distance(m1, s1, m2, s2) != first
+  for i in range(6):                                              # bounded size
+    fid.frechet_distance(m1, s1 * (i + 2), m2, s2)
+  assert len(fid._EIGH_CACHE) <= fid._EIGH_CACHE_SIZE
