@@ -371,16 +371,8 @@ class Setup:
     self.mesh = mesh or sharding_lib.make_mesh(config.mesh)
     self.rules = sharding_lib.rules_from_config(config.sharding_rules)
     self.model, self.disc, self.lpips = build_models(config)
-    rng = jax.random.key(config.seed)
-    self.init_fn = functools.partial(_init_fn, config, self.model, self.disc, rng)
-    self.abstract_boxed = jax.eval_shape(self.init_fn)
-    self.state_shardings = sharding_lib.tree_shardings(
-        self.abstract_boxed, self.mesh, self.rules, config.param_sharding)
-    self.abstract_state = common.abstract_with_shardings(self.abstract_boxed,
-                                                         self.state_shardings)
-    self.data_sharding = sharding_lib.data_sharding(self.mesh, self.rules)
-    self.per_process_batch = sharding_lib.global_batch_check(
-        config.batch_size, self.mesh, self.rules)
+    common.layout_state(self, functools.partial(_init_fn, config, self.model, self.disc,
+                                                jax.random.key(config.seed)))
 
   def init_state(self):
     with jax.set_mesh(self.mesh):

@@ -164,6 +164,24 @@ def to_host_images(x: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def layout_state(setup, init_fn: Callable[[], Any]) -> None:
+  """Sharded train-state layout of a trainer's Setup (which has .config, .mesh, .rules).
+
+  Sets setup.init_fn, .abstract_boxed (eval_shape of init_fn, with logical axes),
+  .state_shardings, .abstract_state (ShapeDtypeStructs carrying them), .data_sharding and
+  .per_process_batch (checked against the mesh).
+  """
+  c = setup.config
+  setup.init_fn = init_fn
+  setup.abstract_boxed = jax.eval_shape(init_fn)
+  setup.state_shardings = sharding_lib.tree_shardings(
+      setup.abstract_boxed, setup.mesh, setup.rules, c.param_sharding)
+  setup.abstract_state = abstract_with_shardings(setup.abstract_boxed, setup.state_shardings)
+  setup.data_sharding = sharding_lib.data_sharding(setup.mesh, setup.rules)
+  setup.per_process_batch = sharding_lib.global_batch_check(c.batch_size, setup.mesh,
+                                                            setup.rules)
+
+
 # ------------------------------------------------------------------------------- loop
 
 

@@ -104,17 +104,9 @@ class Setup:
     if need_data:
       self.manifest = self._check_cache()
     self.model = build_model(config)
-    rng = jax.random.key(config.seed)
-    self.init_fn = functools.partial(_init_fn, config, self.model, rng)
-    self.abstract_boxed = jax.eval_shape(self.init_fn)
-    self.state_shardings = sharding_lib.tree_shardings(
-        self.abstract_boxed, self.mesh, self.rules, config.param_sharding)
-    self.abstract_state = common.abstract_with_shardings(self.abstract_boxed,
-                                                         self.state_shardings)
-    self.data_sharding = sharding_lib.data_sharding(self.mesh, self.rules)
+    common.layout_state(self, functools.partial(_init_fn, config, self.model,
+                                                jax.random.key(config.seed)))
     self.replicated = sharding_lib.replicated(self.mesh)
-    self.per_process_batch = sharding_lib.global_batch_check(
-        config.batch_size, self.mesh, self.rules)
 
   def _check_cache(self) -> dict:
     c = self.config

@@ -193,16 +193,8 @@ class Setup:
                        f"input size config.teacher.vfm_image_size={self.backend.image_size} "
                        f"for {self.backend.name}")
     self.model = build_model(config, self.backend)
-    rng = jax.random.key(config.seed)
-    self.init_fn = functools.partial(_init_fn, config, self.model, self.backend, rng)
-    self.abstract_boxed = jax.eval_shape(self.init_fn)
-    self.state_shardings = sharding_lib.tree_shardings(
-        self.abstract_boxed, self.mesh, self.rules, config.param_sharding)
-    self.abstract_state = common.abstract_with_shardings(self.abstract_boxed,
-                                                         self.state_shardings)
-    self.data_sharding = sharding_lib.data_sharding(self.mesh, self.rules)
-    self.per_process_batch = sharding_lib.global_batch_check(
-        config.batch_size, self.mesh, self.rules)
+    common.layout_state(self, functools.partial(_init_fn, config, self.model, self.backend,
+                                                jax.random.key(config.seed)))
 
   @property
   def fields(self) -> dict:
