@@ -246,10 +246,6 @@ class _Decode(grain.transforms.RandomMap):
     return {"latent": np.asarray(rec[key], np.float32), "label": np.int32(rec["label"])}
 
 
-def _derive_seed(*ints: int) -> int:
-  return int(np.random.SeedSequence([int(i) % 2**32 for i in ints]).generate_state(1)[0])
-
-
 def make_latent_dataset(cache_dir: str, *, seed: int, shuffle: bool = True,
                         repeat: bool = True, flip: bool = True, process_index: int = 0,
                         process_count: int = 1) -> grain.MapDataset:
@@ -259,17 +255,12 @@ def make_latent_dataset(cache_dir: str, *, seed: int, shuffle: bool = True,
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing:
     raise FileNotFoundError(f"latent cache {cache_dir}: shard {missing[0]} is missing")
-  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-  n = len(ds) // process_count * process_count
-  if n == 0:
-    raise ValueError(f"latent cache {cache_dir} has {len(ds)} records, fewer than "
-                     f"process_count={process_count}")
-  ds = ds[:n][process_index::process_count]
-  if shuffle:
-    ds = ds.shuffle(seed=_derive_seed(seed, 1))
-  if repeat:
-    ds = ds.repeat()
-  return ds.random_map(_Decode(flip), seed=_derive_seed(seed, 2, process_index))
+  from gae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  ds = pipeline.process_shard(
+      grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)),
+      f"latent cache {cache_dir}", seed=seed, shuffle=shuffle, repeat=repeat,
+      process_index=process_index, process_count=process_count)
+  return ds.random_map(_Decode(flip), seed=pipeline.derive_seed(seed, 2, process_index))
 
 
 def make_latent_iterator(cache_dir: str, *, batch_size: int, seed: int, shuffle: bool = True,

@@ -132,8 +132,27 @@ class Preprocess:
     return {"image": transforms.to_float(arr), "label": np.int32(record["label"])}
 
 
-def _derive_seed(*ints: int) -> int:
+def derive_seed(*ints: int) -> int:
   return int(np.random.SeedSequence([int(i) % 2**32 for i in ints]).generate_state(1)[0])
+
+
+def process_shard(ds: grain.MapDataset, what: str, *, seed: int, shuffle: bool, repeat: bool,
+                  process_index: int, process_count: int) -> grain.MapDataset:
+  """This process's equal share of `ds` (tail dropped), then shuffled / repeated.
+
+  Every process gets len(ds) // process_count records (a strided slice), so all hosts run
+  the same number of steps. `what` names the data in the error for too few records.
+  """
+  n = len(ds) // process_count * process_count
+  if n == 0:
+    raise ValueError(f"{what} has {len(ds)} examples, fewer than "
+                     f"process_count={process_count}")
+  ds = ds[:n][process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=derive_seed(seed, 1))
+  if repeat:
+    ds = ds.repeat()
+  return ds
 
 
 def make_dataset(data_config, *, split: str, seed: int, shuffle: bool = True,
@@ -159,16 +178,9 @@ def make_dataset(data_config, *, split: str, seed: int, shuffle: bool = True,
     raise ValueError(f"unknown data.crop {crop!r}; expected one of {transforms.CROPS}")
 
   source = make_source(data_config, split)
-  ds = grain.MapDataset.source(source)
-  n = len(ds) // process_count * process_count
-  if n == 0:
-    raise ValueError(f"split {split!r} of data.source={src!r} has {len(ds)} examples, fewer "
-                     f"than process_count={process_count}")
-  ds = ds[:n][process_index::process_count]
-  if shuffle:
-    ds = ds.shuffle(seed=_derive_seed(seed, 1))
-  if repeat:
-    ds = ds.repeat()
+  ds = process_shard(grain.MapDataset.source(source), f"split {split!r} of data.source={src!r}",
+                     seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index,
+                     process_count=process_count)
   if augment:
     if src == "embedded" and _norm_split(split) == "train":
       crop = "random_scale"
@@ -176,7 +188,7 @@ def make_dataset(data_config, *, split: str, seed: int, shuffle: bool = True,
     if fn.crop == "adm_center" and not fn.flip:
       ds = ds.map(fn)
     else:
-      ds = ds.random_map(fn, seed=_derive_seed(seed, 2, process_index))
+      ds = ds.random_map(fn, seed=derive_seed(seed, 2, process_index))
   else:
     ds = ds.map(Preprocess(size, "adm_center", False))
   return ds
