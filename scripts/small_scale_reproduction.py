@@ -10,11 +10,20 @@ Every number in the document is measured by this script; nothing is typed in by 
 
   python scripts/small_scale_reproduction.py --out=/tmp/ssr --seeds=0,1
       # -> docs/small_scale_reproduction.md + docs/small_scale_reproduction/*.png|json
+  python scripts/small_scale_reproduction.py --out=/tmp/ssr2 --seeds=0,1,2 --variants=kl \
+      --note="why these were re-run"
+      # re-runs only `kl`; the other variants' rows come from the stored metrics.json
 
+The experiment is frozen: every command's config is compared with the snapshot in
+docs/small_scale_reproduction/configs.json (today's `runlocal` values, field by field) and
+each field that has drifted since is passed back as `--config.FIELD=VALUE`, so a later
+retune of what `runlocal` means does not change this experiment (`--unpinned` drops that).
 Runs are resumable: a variant whose workdir already holds the result is not redone.
 """
 
 import argparse
+import datetime
+import importlib.util
 import json
 import math
 import os
@@ -69,8 +78,100 @@ def _compute_minutes(out: str) -> float:
   return sum(rows.values()) / 60
 
 
-def _main_cmd(config: str, workdir: str, flags: dict) -> list[str]:
-  return ([sys.executable, "-m", "gae_jax.main", f"--config={config}", f"--workdir={workdir}"]
+# ------------------------------------------------------------------------------------------
+# The frozen experiment: each command's config as it was when the committed rows were made.
+
+PIN_FILE = "configs.json"     # beside metrics.json: {"<file>:<arg>": {flat field: value}}
+# Set per run by this script (paths, seed, lambda_sp) or parallelism only: never pinned.
+UNPINNED = ("seed", "loss.sp_weight", "teacher.init_from", "gae.init_from", "data.cache_dir",
+            "eval.generation.dit", "eval.generation.num_classes", "mesh", "sharding_rules")
+PINNING = {"on": True, "new_fields": {}, "overrides": {}}   # set by main(); filled by _pins
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def resolved_config(config_file: str, arg: str) -> dict:
+  """The flat config `python -m gae_jax.main --config=<config_file>:<arg>` starts from."""
+  spec = importlib.util.spec_from_file_location("_ssr_cfg", os.path.join(REPO, config_file))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return json.loads(json.dumps(_flat(mod.get_config(arg or None).to_dict())))
+
+
+def _pin_file(fig_dir: str) -> str:
+  return os.path.join(fig_dir, PIN_FILE)
+
+
+def _pins(config_file: str, arg: str, flags: dict) -> dict:
+  """--config overrides that put every drifted field back to the snapshot's value.
+
+  Raises SystemExit naming the field when a pinned field no longer exists or cannot be set
+  from the command line (a None or a list).
+  """
+  key = f"{config_file}:{arg}"
+  snap = PINNING["snapshot"].get(key)
+  if snap is None:
+    raise SystemExit(f"{key} has no frozen config in {PINNING['path']}; add it with "
+                     "--freeze_configs (only for a new experiment)")
+  cur = resolved_config(config_file, arg)
+  out = {}
+  for k, v in snap.items():
+    if k in flags or k in UNPINNED:
+      continue
+    if k not in cur:
+      raise SystemExit(f"pinned field {k} of {key} is gone from the config; update "
+                       f"{PINNING['path']} deliberately")
+    if cur[k] != v:
+      if v is None or isinstance(v, (list, dict)):
+        raise SystemExit(f"pinned field {k} of {key} drifted ({v!r} -> {cur[k]!r}) and "
+                         "cannot be set by --config; update the script")
+      out[k] = v
+  new = sorted(k for k in set(cur) - set(snap) if k not in flags and k not in UNPINNED)
+  if new:
+    PINNING["new_fields"][key] = {k: cur[k] for k in new}
+    print(f"  note: {key} has fields newer than the frozen snapshot (not pinned): "
+          + ", ".join(f"{k}={cur[k]!r}" for k in new), flush=True)
+  if out:
+    PINNING["overrides"][key] = out
+    print(f"  pinned {key}: " + ", ".join(f"{k}={v!r}" for k, v in out.items()), flush=True)
+  return out
+
+
+def freeze_configs(path: str) -> None:
+  """Writes the snapshot of every command this script runs (today's values)."""
+  snap = {}
+  for arg, _, _ in VARIANTS.values():
+    snap[f"configs/gae_l32.py:{arg}"] = resolved_config("configs/gae_l32.py", arg)
+  for f in (TEACHER_CFG, CACHE_CFG, DIT_CFG, EVAL_LATENTS_CFG, EVAL_GEN_CFG):
+    snap[f] = resolved_config(*f.split(":"))
+  snap = {k: {f: v for f, v in c.items() if f not in UNPINNED} for k, c in snap.items()}
+  with open(path, "w") as fh:
+    json.dump(snap, fh, indent=1, sort_keys=True)
+
+
+TEACHER_CFG = "configs/teacher_l32.py:runlocal"
+CACHE_CFG = "configs/cache_latents.py:runlocal"
+DIT_CFG = "configs/dit_xl_gae32_800ep.py:runlocal"
+EVAL_LATENTS_CFG = "configs/eval_latents.py:runlocal"
+EVAL_GEN_CFG = "configs/eval_generation.py:runlocal"
+
+
+def _main_cmd(config: str, workdir: str, flags: dict, paths: str = "") -> list[str]:
+  """`config` is '<file>:<arg>' (the pinned key); `paths` extra args such as 'gae=/x'."""
+  flags = dict(flags)
+  if PINNING["on"]:
+    config_file, _, arg = config.partition(":")
+    flags = {**_pins(config_file, arg, flags), **flags}
+  spec = f"{config},{paths}" if paths else config
+  return ([sys.executable, "-m", "gae_jax.main", f"--config={spec}", f"--workdir={workdir}"]
           + [f"--config.{k}={v}" for k, v in flags.items()])
 
 
@@ -81,7 +182,7 @@ def _done(path: str) -> bool:
 def train_teacher(out: str) -> str:
   workdir = os.path.join(out, "teacher")
   if not os.path.exists(os.path.join(workdir, "checkpoints")):
-    _run(_main_cmd("configs/teacher_l32.py:runlocal", workdir, {}), workdir + ".log")
+    _run(_main_cmd(TEACHER_CFG, workdir, {}), workdir + ".log")
   return workdir
 
 
@@ -110,7 +211,7 @@ def _finished(workdir: str) -> bool:
 def evaluate_latents(workdir: str) -> dict:
   ev = os.path.join(workdir, "eval_latents")
   if not _done(os.path.join(ev, "metrics.json")):
-    _run(_main_cmd(f"configs/eval_latents.py:runlocal,gae={workdir}", ev, {}), ev + ".log")
+    _run(_main_cmd(EVAL_LATENTS_CFG, ev, {}, f"gae={workdir}"), ev + ".log")
   with open(os.path.join(ev, "metrics.json")) as f:
     return json.load(f)
 
@@ -119,14 +220,12 @@ def generation_gfid(workdir: str) -> dict:
   """Latent cache -> tiny LightningDiT (runlocal) -> samples -> gFID vs the train crops."""
   cache, dit, ev = (os.path.join(workdir, n) for n in ("latents", "dit", "eval_generation"))
   if not _done(os.path.join(cache, "stats.npz")):          # written last, once complete
-    _run(_main_cmd(f"configs/cache_latents.py:runlocal,gae={workdir}", cache, {}),
-         cache + ".log")
+    _run(_main_cmd(CACHE_CFG, cache, {}, f"gae={workdir}"), cache + ".log")
   if not _finished(dit):
-    _run(_main_cmd(f"configs/dit_xl_gae32_800ep.py:runlocal,cache={cache}", dit, {}),
-         dit + ".log")
+    _run(_main_cmd(DIT_CFG, dit, {}, f"cache={cache}"), dit + ".log")
   if not _done(os.path.join(ev, "metrics.json")):
-    _run(_main_cmd(f"configs/eval_generation.py:runlocal,dit={dit}", ev,
-                   {"eval.generation.num_classes": 11}), ev + ".log")
+    _run(_main_cmd(EVAL_GEN_CFG, ev, {"eval.generation.num_classes": 11}, f"dit={dit}"),
+         ev + ".log")
   with open(os.path.join(ev, "metrics.json")) as f:
     return json.load(f)
 
@@ -135,7 +234,7 @@ def generation_floor(out: str) -> dict:
   """FID of the real val crops against the train-crop reference: the best any model gets."""
   ev = os.path.join(out, "gen_floor")
   if not _done(os.path.join(ev, "metrics.json")):
-    _run(_main_cmd("configs/eval_generation.py:runlocal", ev, {}), ev + ".log")
+    _run(_main_cmd(EVAL_GEN_CFG, ev, {}), ev + ".log")
   with open(os.path.join(ev, "metrics.json")) as f:
     return json.load(f)
 
@@ -262,33 +361,52 @@ def _verdict(ok: bool) -> str:
 
 
 def write_doc(results: dict, floor: dict, figs: dict, doc: str, fig_rel: str, seeds: list[int],
-              out: str) -> None:
+              provenance: dict, ae: dict) -> None:
+  """results: {variant: [per-seed slim record]}; floor: the `generation` dict of the floor;
+  provenance: {variant: {commit, date, note, minutes}}; ae: the frozen `gae` config (flat)."""
   n_seeds = len(seeds)
   sd_note = (f"mean ± standard deviation over {n_seeds} seeds ({', '.join(map(str, seeds))})"
              if n_seeds > 1 else f"one seed ({seeds[0]})")
   g0 = results["gae"][0]["latents"]
   n_val = g0["linear_probe"]["flatten"]["num_val"]
   n_train = g0["linear_probe"]["flatten"]["num_train"]
-  with open(os.path.join(out, f"gae_s{seeds[0]}", "config.json")) as f:
-    ae = json.load(f)
   lines = [
       "# Small-scale reproduction of the paper's ablation directions",
       "",
       "Generated by `python scripts/small_scale_reproduction.py --out=<dir> --seeds="
-      f"{','.join(map(str, seeds))}` (do not edit by hand; rerun the script). The runs took "
-      f"{_compute_minutes(out):.0f} min on a 2-core CPU machine (jax {_jax_version()}, "
-      "recorded per command, so resumed runs add up correctly).",
+      f"{','.join(map(str, seeds))}` (do not edit by hand; rerun the script, with "
+      "`--variants=...` to redo some variants and keep the stored rows of the others). "
+      "Every command runs with the config frozen in "
+      f"[{fig_rel}/{PIN_FILE}]({fig_rel}/{PIN_FILE}), whatever `runlocal` means today.",
+      "",
+      "Where each variant's numbers come from (compute minutes are recorded per command "
+      "on a shared 2-core CPU machine):",
+      "",
+      "| variants | commit | date | minutes | jax | why (re-)run |",
+      "|---|---|---|---|---|---|",
+  ]
+  groups = {}
+  for n in VARIANTS:
+    pv = provenance[n]
+    groups.setdefault(json.dumps(pv, sort_keys=True), []).append(n)
+  for key, names in groups.items():
+    pv = json.loads(key)
+    mins = pv.get("minutes")
+    lines.append(f"| {', '.join(f'`{n}`' for n in names)} | {pv['commit'][:7]} | "
+                 f"{pv['date']} | {'-' if mins is None else f'{mins:.0f}'} | "
+                 f"{pv.get('jax', '-')} | {pv['note']} |")
+  lines += [
       "",
       "## Setup",
       "",
       f"- Data: the {11} embedded photos (scikit-image / scikit-learn). Train: random-scale "
       f"crops of the top part of each photo; val: {n_val} fixed crops of the held-out part. "
       "The 'class' of a crop is the photo it comes from (11 classes, chance 9.1%).",
-      f"- Autoencoders: `configs/gae_l32.py:runlocal` - ViT `{ae['model']['variant']}` "
-      f"encoder/decoder, patch {ae['model']['patch_size']}, "
-      f"{ae['data']['image_size']} px, d = {ae['model']['latent_dim']}, "
+      f"- Autoencoders: `configs/gae_l32.py:runlocal` (frozen) - ViT `{ae['model.variant']}` "
+      f"encoder/decoder, patch {ae['model.patch_size']}, "
+      f"{ae['data.image_size']} px, d = {ae['model.latent_dim']}, "
       f"{ae['total_steps']} steps at batch {ae['batch_size']}, GAN from step "
-      f"{ae['loss']['disc_start']}. lambda_sp > 0 runs distil from a stage-1 teacher "
+      f"{ae['loss.disc_start']}. lambda_sp > 0 runs distil from a stage-1 teacher "
       "trained with `configs/teacher_l32.py:runlocal` (VGG16 relu5_3 features standing in "
       "for DINOv2, whose weights are not available offline).",
       f"- Evaluation: `configs/eval_latents.py:runlocal` - linear probe (App. I: SGD, "
@@ -383,7 +501,7 @@ def write_doc(results: dict, floor: dict, figs: dict, doc: str, fig_rel: str, se
       "per-channel normalised as the release does) sampled with the SDE sampler (250 steps, "
       "no CFG), 176 class-balanced samples against 176 train crops "
       "(`configs/eval_generation.py:runlocal,dit=...`). Real val crops against the same "
-      f"reference give FID {floor['generation']['fid']:.1f}: the floor at this sample size.",
+      f"reference give FID {floor['fid']:.1f}: the floor at this sample size.",
       "",
       "| bottleneck | rFID (64 crops) | PSNR | gFID (176) | precision | recall | "
       "token norm / sqrt(d): mean | CV | 1st-99th pct |",
@@ -392,9 +510,9 @@ def write_doc(results: dict, floor: dict, figs: dict, doc: str, fig_rel: str, se
   gfid = {}
   for n in NORM_VARIANTS:
     st = [r["stats"] for r in results[n]]
-    gfid[n] = _per_seed(results, n, lambda r: r["generation"]["generation"]["fid"])
-    prec = _per_seed(results, n, lambda r: r["generation"]["generation"]["precision"])
-    recl = _per_seed(results, n, lambda r: r["generation"]["generation"]["recall"])
+    gfid[n] = _per_seed(results, n, lambda r: r["generation"]["fid"])
+    prec = _per_seed(results, n, lambda r: r["generation"]["precision"])
+    recl = _per_seed(results, n, lambda r: r["generation"]["recall"])
     lines.append(
         f"| {'latent norm (RMSNorm)' if n == 'no_sp' else 'KL (weight 0.1)'} | "
         f"{_fmt(_per_seed(results, n, lambda r: _robust(r, 'rfid')[1][0]), 1)} | "
@@ -450,35 +568,117 @@ def _jax_version() -> str:
   return jax.__version__
 
 
+LEGACY_PROVENANCE = dict(commit="c259b173d14f9266424f31691a501124b248190b",
+                         date="2026-11-23", minutes=None, jax="0.10.2",
+                         note="first 3-seed run of all five variants (122 min for all of "
+                              "them together)")
+
+
+def _git_head() -> str:
+  r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+  return r.stdout.strip() or "unknown"
+
+
+def _slim(r: dict) -> dict:
+  return dict(latents={k: v for k, v in r["latents"].items() if k != "meta"},
+              stats=r["stats"], generation=r.get("generation", {}).get("generation"))
+
+
+def _variant_minutes(out: str, name: str, seeds: list[int]) -> float:
+  return sum(_compute_minutes(os.path.join(out, f"{name}_s{s}")) for s in seeds) + sum(
+      _log_minutes(out, f"{name}_s{s}.log") for s in seeds)
+
+
+def _log_minutes(out: str, log: str) -> float:
+  """Minutes recorded for one top-level log (the autoencoder run) in out/timings.jsonl."""
+  path, last = os.path.join(out, TIMINGS), 0.0
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        r = json.loads(line)
+        if r["log"] == log:
+          last = r["seconds"]
+  return last / 60
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--out", required=True, help="directory for the runs (resumable)")
   p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+  p.add_argument("--variants", default=",".join(VARIANTS),
+                 help="comma-separated variants to (re-)run; the others' rows are read from "
+                      "the stored metrics.json")
+  p.add_argument("--note", default="", help="why these variants are (re-)run (in the doc)")
+  p.add_argument("--floor", action="store_true",
+                 help="re-measure the real-data FID floor even if one is stored")
+  p.add_argument("--unpinned", action="store_true",
+                 help="run today's `runlocal` configs instead of the frozen ones")
+  p.add_argument("--freeze_configs", action="store_true",
+                 help="(new experiment only) snapshot today's configs as the frozen ones")
   p.add_argument("--doc", default=os.path.join(REPO, "docs", "small_scale_reproduction.md"))
   a = p.parse_args()
   t0 = time.time()
   seeds = [int(s) for s in a.seeds.split(",")]
+  todo = [v for v in a.variants.split(",") if v]
+  for v in todo:
+    if v not in VARIANTS:
+      raise SystemExit(f"--variants: unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+  fig_rel = os.path.splitext(os.path.basename(a.doc))[0]
+  fig_dir = os.path.join(os.path.dirname(os.path.abspath(a.doc)), fig_rel)
+  os.makedirs(fig_dir, exist_ok=True)
+  PINNING["path"] = _pin_file(fig_dir)
+  if a.freeze_configs:
+    freeze_configs(PINNING["path"])
+    print(f"wrote {PINNING['path']}")
+    return
+  PINNING["on"] = not a.unpinned
+  with open(PINNING["path"]) as f:
+    PINNING["snapshot"] = json.load(f)
+
+  metrics_path = os.path.join(fig_dir, "metrics.json")
+  stored = {}
+  if os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      stored = json.load(f)
+  results = {n: stored.get("results", {}).get(n) for n in VARIANTS}
+  provenance = {n: stored.get("provenance", {}).get(n, LEGACY_PROVENANCE) for n in VARIANTS}
+  missing = [n for n in VARIANTS if n not in todo and not results[n]]
+  if missing:
+    raise SystemExit(f"no stored results for {missing} in {metrics_path}; run them too")
+  if set(todo) != set(VARIANTS) and stored.get("seeds") != seeds:
+    raise SystemExit(f"--seeds={a.seeds} differs from the stored rows' seeds "
+                     f"{stored.get('seeds')}; re-run every variant or use those seeds")
+
   os.makedirs(a.out, exist_ok=True)
-  teacher = train_teacher(a.out)
-  results = {n: [] for n in VARIANTS}
-  for seed in seeds:
-    for name in VARIANTS:
+  teacher = train_teacher(a.out) if any(VARIANTS[n][1] > 0 for n in todo) else None
+  commit = _git_head()
+  for name in todo:
+    PINNING["overrides"], PINNING["new_fields"] = {}, {}
+    rs = []
+    for seed in seeds:
       wd = train_variant(name, seed, a.out, teacher)
       r = dict(latents=evaluate_latents(wd), stats=latent_stats(wd))
       if name in NORM_VARIANTS:
         r["generation"] = generation_gfid(wd)
-      results[name].append(r)
-  floor = generation_floor(a.out)
-  fig_rel = os.path.splitext(os.path.basename(a.doc))[0]
-  fig_dir = os.path.join(os.path.dirname(os.path.abspath(a.doc)), fig_rel)
+      rs.append(_slim(r))
+    results[name] = rs
+    provenance[name] = dict(
+        commit=commit, date=datetime.date.today().isoformat(), jax=_jax_version(),
+        minutes=round(_variant_minutes(a.out, name, seeds)
+                      + (_log_minutes(a.out, "teacher.log") if VARIANTS[name][1] > 0 else 0),
+                      1),
+        note=a.note or "re-run", pinned_overrides=dict(PINNING["overrides"]),
+        unpinned_new_fields=dict(PINNING["new_fields"]), pinned=PINNING["on"])
+  if a.floor or not stored.get("floor"):
+    floor = generation_floor(a.out)["generation"]
+  else:
+    floor = stored["floor"]
   figs = write_figures(results, fig_dir)
-  slim = {n: [dict(latents={k: v for k, v in r["latents"].items() if k != "meta"},
-                   stats=r["stats"], generation=r.get("generation", {}).get("generation"))
-              for r in rs] for n, rs in results.items()}
-  with open(os.path.join(fig_dir, "metrics.json"), "w") as f:
+  with open(metrics_path, "w") as f:
     json.dump(dict(seeds=seeds, variants={n: VARIANTS[n][2] for n in VARIANTS},
-                   results=slim, floor=floor.get("generation")), f, indent=1)
-  write_doc(results, floor, figs, a.doc, fig_rel, seeds, a.out)
+                   results=results, floor=floor, provenance=provenance), f, indent=1)
+  ae = PINNING["snapshot"][f"configs/gae_l32.py:{VARIANTS['gae'][0]}"]
+  write_doc(results, floor, figs, a.doc, fig_rel, seeds, provenance, ae)
   print(f"wrote {a.doc} and {fig_dir}/ in {(time.time() - t0) / 60:.1f} min")
 
 
