@@ -150,22 +150,64 @@ def test_sde_last_step_options():
   noise = jax.random.normal(jax.random.key(1), (16, 2))
   y = jnp.zeros((16,), jnp.int32)
   grid = flow.time_grid(10, flow.SDE_T0, flow.SDE_T1, 0.4)
-  none = flow.sample_sde(v_gauss, noise, y, jax.random.key(0), num_steps=10, shift=0.4,
-                         last_step="none")
-  mean = flow.sample_sde(v_gauss, noise, y, jax.random.key(0), num_steps=10, shift=0.4)
-  rel = flow.sample_sde(v_gauss, noise, y, jax.random.key(0), num_steps=10, shift=0.4,
-                        last_step="release")
+  run = lambda **kw: flow.sample_sde(v_gauss, noise, y, jax.random.key(0), num_steps=10,
+                                     shift=0.4, **kw)
+  none, default = run(last_step="none"), run()
+  ours = run(last_step="grid")
+  rel = run(last_step="release")
   t_n = grid[-1]
-  tv = jnp.full((16,), t_n)
-  drift, _ = flow.sde_drift(v_gauss(none, tv, y), none, t_n)
-  np.testing.assert_allclose(mean, none + drift * (1 - t_n), rtol=1e-5, atol=1e-5)
+  drift, _ = flow.sde_drift(v_gauss(none, jnp.full((16,), t_n), y), none, t_n)
+  np.testing.assert_allclose(ours, none + drift * (1 - t_n), rtol=1e-5, atol=1e-5)
   t1 = jnp.float32(flow.SDE_T1)
   drift, _ = flow.sde_drift(v_gauss(none, jnp.full((16,), t1), y), none, t1)
   np.testing.assert_allclose(rel, none + drift * (1 - t1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(default, rel)           # the released form is the default
+  assert np.abs(np.asarray(ours - rel)).max() > 1e-3    # and it is not the 'grid' one
+  # With shift 1 the two last steps coincide (t_N = t1).
+  a = flow.sample_sde(v_gauss, noise, y, jax.random.key(0), num_steps=10, last_step="grid")
+  b = flow.sample_sde(v_gauss, noise, y, jax.random.key(0), num_steps=10)
+  np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="last_step"):
     flow.sample_sde(v_gauss, noise, y, jax.random.key(0), last_step="tweedie")
   with pytest.raises(ValueError, match="rng"):
     flow.sample(v_gauss, noise, y, None, mode="sde")
+
+
+def test_sde_default_is_the_released_sampler():
+  """The default SDE path equals a float64 NumPy transcription of the released sampler
+  (sii-research/GAE transport: grid = shift(linspace(1e-5, 0.996, N)), Euler-Maruyama with
+  drift v + D score, then x + drift(x, t=0.996) * 0.004), for the same Gaussian draws.
+
+  The constants 0.996 / 0.004 / 0.99006 are literal here on purpose. Tolerance 1e-4
+  (float32 sampler vs float64 reference over 12 steps, |x| ~ 1).
+  """
+  n, s, b = 12, 0.4, 64
+  noise = jax.random.normal(jax.random.key(1), (b, 2))
+  y = jnp.zeros((b,), jnp.int32)
+  rng = jax.random.key(7)
+  out = np.asarray(jax.jit(lambda z: flow.sample(v_gauss, z, y, rng, mode="sde",
+                                                 num_steps=n, shift=s))(noise))
+  u = np.linspace(1e-5, 0.996, n)
+  ts = s * u / (1 + (s - 1) * u)
+  assert ts[-1] == pytest.approx(0.990060, abs=1e-6)    # where Euler-Maruyama ends
+
+  def drift(x, t):                                       # SBDM drift, velocity model
+    v = np.asarray(v_gauss(jnp.asarray(x, jnp.float32), jnp.full((b,), t, jnp.float32), y),
+                   np.float64)
+    return v + (1 - t) / t * (t * v - x) / (1 - t), (1 - t) / t
+
+  x = np.asarray(noise, np.float64)
+  for i in range(n - 1):
+    dt = ts[i + 1] - ts[i]
+    d, diff = drift(x, ts[i])
+    eps = np.asarray(jax.random.normal(jax.random.fold_in(rng, i), (b, 2)), np.float64)
+    x = x + d * dt + np.sqrt(2 * diff * dt) * eps
+  d, _ = drift(x, 0.996)
+  ref = x + d * 0.004
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+  # The other reading (drift at t_N = 0.99006, step 1 - t_N = 0.0099) is measurably different.
+  d, _ = drift(x, ts[-1])
+  assert np.abs(out - (x + d * (1 - ts[-1]))).max() > 1e-3
 
 
 def test_sampler_keeps_batch_sharding():
@@ -190,6 +232,20 @@ def test_class_uniform_labels():
   np.testing.assert_array_equal(np.bincount(labels), np.full(10, 5))
   with pytest.raises(ValueError, match="multiple"):
     flow.class_uniform_labels(51, 10)
+
+
+def test_random_labels():
+  a = flow.random_labels(5000, 10, seed=3)
+  assert a.shape == (5000,) and a.dtype == np.int32 and a.min() >= 0 and a.max() <= 9
+  np.testing.assert_array_equal(a, flow.random_labels(5000, 10, seed=3))
+  assert not np.array_equal(a, flow.random_labels(5000, 10, seed=4))
+  counts = np.bincount(a, minlength=10)
+  assert counts.min() < counts.max()                 # not class-balanced ...
+  assert np.abs(counts - 500).max() < 100            # ... but uniform (sd ~ 21)
+  np.testing.assert_array_equal(flow.random_labels(51, 10, seed=0)[:7],
+                                flow.random_labels(7, 10, seed=0))
+  with pytest.raises(ValueError, match="num_classes"):
+    flow.random_labels(10, 0, seed=0)
 
 
 # ---------------------------------------------------------------- guidance

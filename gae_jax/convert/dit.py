@@ -394,7 +394,7 @@ class DiTHandle:
 
   def sample(self, labels, *, rng=0, noise=None, mode: str = "sde", num_steps: int = 250,
              shift: float = 1.0, cfg_scale: float = 1.0, cfg_interval: float = 0.0,
-             last_step: str = "mean", denormalize: bool = True) -> jax.Array:
+             last_step: str = "release", denormalize: bool = True) -> jax.Array:
     """Latents for `labels` (B,) ints: SDE/Euler/Heun over the shifted grid, optional CFG
     (scale w on all channels for t >= cfg_interval); noise defaults to N(0, I) from rng.
     Returns GAE-space latents (x * std + mean) when `denormalize` and stats are known."""

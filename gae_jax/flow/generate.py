@@ -29,8 +29,9 @@ def generate(dit_params, gae_params, noise, labels, rng, mean, std, *, dit, gae,
              ) -> jax.Array:
   """noise (B, h, w, d), labels (B,) -> uint8 images (B, H, W, 3). Pure; jit it."""
   x = samplers.sample(velocity_fn(dit, dit_params, sampling), noise, labels, rng,
-                  mode=sampling.mode, num_steps=int(sampling.num_steps),
-                  shift=float(sampling.shift), last_step=sampling.get("last_step", "mean"))
+                      mode=sampling.mode, num_steps=int(sampling.num_steps),
+                      shift=float(sampling.shift),
+                      last_step=sampling.get("last_step", "release"))
   z = x * std + mean
   img = gae.apply({"params": gae_params}, z, method=gae_lib.GAE.decode)
   return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

@@ -10,6 +10,16 @@ stays sharded and there are no host round trips.
 num_steps - 1 steps; the SDE takes num_steps - 1 Euler-Maruyama steps plus the last
 noise-free "Mean" step (num_steps model calls in all).
 
+SDE time grid and last step as released (sii-research/GAE transport/transport.py
+`Sampler.sample_sde` + transport/integrators.py `sde`, with inference_sample.py's
+`last_step_size=0.004`): the grid is time_shift(linspace(t0 = 1e-5, t1 = 1 - 0.004), s), so
+with s = 0.4 the Euler-Maruyama steps end at t_N = time_shift(0.996, 0.4) = 0.99006; the
+last "Mean" step then evaluates the drift at the *unshifted* t1 = 0.996 and steps 0.004,
+ending at t_N + 0.004 = 0.99406 (short of t = 1 whenever s != 1). That is `last_step=
+'release'`, the default. `last_step='grid'` (ours) evaluates the drift at t_N and steps
+1 - t_N (0.0099 at s = 0.4) so the path ends at t = 1; the two agree when s = 1 (hustvl/
+LightningDiT's SDE has no shift). The paper does not describe the last step.
+
 SDE (released SiT/LightningDiT/GAE, diffusion form "SBDM"), for a velocity model:
   E[x0 | x_t] = x_t - t v  =>  score = -E[x0 | x_t] / (1 - t) = (t v - x) / (1 - t)
   D(t) = (1 - t) / t,  drift = v + D(t) score
@@ -31,6 +41,7 @@ VelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 SDE_T0 = 1e-5     # released: sample_eps hard-coded to 1e-5 for the SDE
 SDE_T1 = 0.996    # released: 1 - last_step_size with last_step_size = 0.004
+SDE_LAST_STEPS = ("release", "grid", "none")
 
 
 def time_grid(num_steps: int, t0: float, t1: float, shift: float = 1.0) -> jax.Array:
@@ -84,21 +95,24 @@ def sde_drift(v: jax.Array, x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.
 
 def sample_sde(v_fn: VelocityFn, noise: jax.Array, y: jax.Array, rng: jax.Array, *,
                num_steps: int = 250, shift: float = 1.0, t0: float = SDE_T0,
-               t1: float = SDE_T1, last_step: str = "mean") -> jax.Array:
-  """Euler-Maruyama on the shifted grid, then a noise-free last step.
+               t1: float = SDE_T1, last_step: str = "release") -> jax.Array:
+  """Euler-Maruyama on the shifted grid time_shift(linspace(t0, t1, num_steps), shift),
+  then a noise-free last step. noise, y: (B, ...), (B,); returns x of noise's shape.
 
   last_step:
-    'mean'    x + drift(x, t_N) * (1 - t_N), t_N the last (shifted) grid point: ends at t=1.
-              With shift = 1 this is the released `drift * 0.004`.
-    'release' the released GAE code exactly: drift evaluated at the *unshifted* t1 and a
-              step of 1 - t1 (0.004) from the shifted t_N (so it ends short of t=1 when
-              shift != 1).
+    'release' (default) the released GAE sampler: drift evaluated at the *unshifted* t1
+              (0.996) and a step of 1 - t1 (0.004) from the shifted last grid point t_N
+              (0.99006 at shift 0.4), so it ends short of t = 1 when shift != 1.
+              t1 = 0.96 gives the released inference.py variant (`last_step_size=0.04`).
+    'grid'    ours: drift at t_N and a step of 1 - t_N, ending at t = 1. Equal to
+              'release' when shift = 1.
     'none'    return x at t_N.
   The first step from t0 = 1e-5 is very stiff (D dt >> 1); as released, it is not special-
   cased: the Langevin part of the following steps forgets it.
+  Raises ValueError for an unknown last_step or a bad grid.
   """
-  if last_step not in ("mean", "release", "none"):
-    raise ValueError(f"unknown last_step {last_step!r}: use 'mean', 'release' or 'none'")
+  if last_step not in SDE_LAST_STEPS:
+    raise ValueError(f"unknown last_step {last_step!r}: use one of {SDE_LAST_STEPS}")
   ts = time_grid(num_steps, t0, t1, shift)
   x = noise.astype(jnp.float32)
 
@@ -112,7 +126,7 @@ def sample_sde(v_fn: VelocityFn, noise: jax.Array, y: jax.Array, rng: jax.Array,
   x = jax.lax.fori_loop(0, num_steps - 1, body, x)
   if last_step == "none":
     return x
-  if last_step == "mean":
+  if last_step == "grid":
     t_eval, size = ts[-1], 1.0 - ts[-1]
   else:
     t_eval, size = jnp.float32(t1), jnp.float32(1.0 - t1)
@@ -123,9 +137,9 @@ def sample_sde(v_fn: VelocityFn, noise: jax.Array, y: jax.Array, rng: jax.Array,
 def sample(v_fn: VelocityFn, noise: jax.Array, y: jax.Array,
            rng: Optional[jax.Array] = None, *, mode: str = "sde", num_steps: int = 250,
            shift: float = 1.0, t0: Optional[float] = None, t1: Optional[float] = None,
-           last_step: str = "mean") -> jax.Array:
-  """Dispatch: mode 'sde' (needs rng; defaults t0=1e-5, t1=0.996), 'euler' or 'heun'
-  (ODE; defaults t0=0, t1=1)."""
+           last_step: str = "release") -> jax.Array:
+  """Dispatch: mode 'sde' (needs rng; defaults t0=1e-5, t1=0.996, last_step 'release':
+  see `sample_sde`), 'euler' or 'heun' (ODE; defaults t0=0, t1=1; last_step unused)."""
   if mode == "sde":
     if rng is None:
       raise ValueError("sampling mode 'sde' needs an rng")
@@ -149,5 +163,19 @@ def class_uniform_labels(num_samples: int, num_classes: int) -> np.ndarray:
   return np.repeat(np.arange(num_classes, dtype=np.int32), num_samples // num_classes)
 
 
+def random_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
+  """(num_samples,) int32 labels drawn uniformly from [0, num_classes), from `seed` alone
+  (numpy PCG64), so they do not depend on the batch size or the mesh. The VA-VAE /
+  LightningDiT evaluation protocol (released inference.py: `torch.randint` per batch),
+  which the paper's ablations follow (App. H).
+
+  Raises ValueError unless num_samples and num_classes are positive.
+  """
+  if num_samples <= 0 or num_classes <= 0:
+    raise ValueError(f"random labels need positive num_samples ({num_samples}) and "
+                     f"num_classes ({num_classes})")
+  return np.random.default_rng(seed).integers(0, num_classes, num_samples).astype(np.int32)
+
+
 __all__ = ["VelocityFn", "time_grid", "sample_ode", "sample_sde", "sde_drift", "sample",
-           "class_uniform_labels", "SDE_T0", "SDE_T1"]
+           "class_uniform_labels", "random_labels", "SDE_T0", "SDE_T1", "SDE_LAST_STEPS"]
