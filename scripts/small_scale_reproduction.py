@@ -82,9 +82,15 @@ def _compute_minutes(out: str) -> float:
 # The frozen experiment: each command's config as it was when the committed rows were made.
 
 PIN_FILE = "configs.json"     # beside metrics.json: {"<file>:<arg>": {flat field: value}}
-# Set per run by this script (paths, seed, lambda_sp) or parallelism only: never pinned.
+# Set per run by this script (paths, seed, lambda_sp), parallelism, or the DiT trainer's
+# PNG sample grids (`sample_grid.*`, no number comes from them): never pinned.
 UNPINNED = ("seed", "loss.sp_weight", "teacher.init_from", "gae.init_from", "data.cache_dir",
             "eval.generation.dit", "eval.generation.num_classes", "mesh", "sharding_rules")
+UNPINNED_PREFIXES = ("sample_grid.",)
+
+
+def _unpinned(field: str) -> bool:
+  return field in UNPINNED or field.startswith(UNPINNED_PREFIXES)
 PINNING = {"on": True, "new_fields": {}, "overrides": {}}   # set by main(); filled by _pins
 
 
@@ -124,7 +130,7 @@ def _pins(config_file: str, arg: str, flags: dict) -> dict:
   cur = resolved_config(config_file, arg)
   out = {}
   for k, v in snap.items():
-    if k in flags or k in UNPINNED:
+    if k in flags or _unpinned(k):
       continue
     if k not in cur:
       raise SystemExit(f"pinned field {k} of {key} is gone from the config; update "
@@ -134,7 +140,7 @@ def _pins(config_file: str, arg: str, flags: dict) -> dict:
         raise SystemExit(f"pinned field {k} of {key} drifted ({v!r} -> {cur[k]!r}) and "
                          "cannot be set by --config; update the script")
       out[k] = v
-  new = sorted(k for k in set(cur) - set(snap) if k not in flags and k not in UNPINNED)
+  new = sorted(k for k in set(cur) - set(snap) if k not in flags and not _unpinned(k))
   if new:
     PINNING["new_fields"][key] = {k: cur[k] for k in new}
     print(f"  note: {key} has fields newer than the frozen snapshot (not pinned): "
@@ -152,7 +158,7 @@ def freeze_configs(path: str) -> None:
     snap[f"configs/gae_l32.py:{arg}"] = resolved_config("configs/gae_l32.py", arg)
   for f in (TEACHER_CFG, CACHE_CFG, DIT_CFG, EVAL_LATENTS_CFG, EVAL_GEN_CFG):
     snap[f] = resolved_config(*f.split(":"))
-  snap = {k: {f: v for f, v in c.items() if f not in UNPINNED} for k, c in snap.items()}
+  snap = {k: {f: v for f, v in c.items() if not _unpinned(f)} for k, c in snap.items()}
   with open(path, "w") as fh:
     json.dump(snap, fh, indent=1, sort_keys=True)
 
