@@ -113,6 +113,7 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
       disc_weight=0.5, disc_start=5001, adaptive_disc_weight=False, disc_loss="hinge",
       disc_layers=3, disc_ndf=64,
       kl_weight=0.1 if a.kl else 0.0,          # paper Tab. 7 KL-VAE weight
+      kl_reduction="mean",                     # released per-element mean (losses.kl_loss)
       sp_weight=1.0,                           # lambda_sp; active once a teacher is set
       sp_align="latent"))                      # Tab. 1: latent (GAE) | pre | post
   # L_sp's frozen side. init_from: a stage-1 teacher workdir / converted dir or the

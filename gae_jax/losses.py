@@ -5,6 +5,7 @@ Composition used by the stage-2 trainer (SPEC stage 2, taming/LDM `LPIPSWithDisc
   nll  = nll_loss(rec, logvar)                               learned scalar logvar, init 0
   g    = generator_loss(D(x_hat))
   loss = nll + disc_weight * disc_factor(step, disc_start) * g  (+ kl_weight * kl_loss)
+The KL is reduced like the nll (a per-element mean) as the GAE release does; see `kl_loss`.
   d    = hinge_d_loss(D(x), D(x_hat))                        for the discriminator step
 `disc_weight` is 0.5, fixed (the release keeps `adaptive_weight` off). All losses return
 float32 scalars whatever the input dtype.
@@ -106,9 +107,37 @@ def disc_factor(step: jax.Array | int, disc_start: int, factor: float = 1.0) -> 
                    jnp.zeros((), _F32))
 
 
-def kl_loss(mean: jax.Array, logvar: jax.Array) -> jax.Array:
-  """KL(N(mean, exp(logvar)) || N(0, I)), summed over non-batch dims, mean over batch."""
+KL_REDUCTIONS = ("mean", "sum")
+
+
+def kl_loss(mean: jax.Array, logvar: jax.Array, reduction: str = "mean") -> jax.Array:
+  """KL(N(mean, exp(logvar)) || N(0, I)) of a diagonal Gaussian posterior, float32 scalar.
+
+  mean, logvar: (B, ...) posterior moments (the KL-VAE latents, (B, h, w, d)), logvar in
+  natural log units. The element-wise KL is 0.5 (mean^2 + exp(logvar) - 1 - logvar), in nats.
+  reduction:
+    'mean' (default) the mean over every element (batch and latent), the same reduction as
+           the nll (`nll_loss`: per-pixel mean). This is the released GAE: its
+           DiagonalGaussianDistribution.kl() is element-wise (sii-research/GAE
+           tokenizer/utils/sample/ldm_vae.py, no sum) and LPIPSWithDiscriminator.forward
+           takes `torch.mean` of both the nll and the kl (tokenizer/utils/loss/
+           contperceptual.py); the paper's Tab. 7 KL-VAE uses kl_weight 0.1 with it (Sec. 4.4).
+    'sum'  the sum over the latent elements of each image, mean over the batch: CompVis
+           latent-diffusion's DiagonalGaussianDistribution.kl() (ldm/modules/distributions/
+           distributions.py, sum over dims [1, 2, 3]) and `torch.sum(kl) / batch` in
+           ldm/modules/losses/contperceptual.py. There the nll is *also* summed per image
+           (`torch.sum(nll) / batch`) and configs/autoencoder/autoencoder_kl_*.yaml set
+           kl_weight 1e-6; next to our per-pixel-mean nll it weighs the KL h*w*d times
+           more than the release (8192x for 16x16x32 latents), which with weight 0.1
+           collapses the posterior onto the prior.
+  Raises ValueError for another reduction. See docs/fidelity.md.
+  """
+  if reduction not in KL_REDUCTIONS:
+    raise ValueError(f"kl reduction {reduction!r} is not one of {KL_REDUCTIONS} "
+                     "(config.loss.kl_reduction)")
   mean = mean.astype(_F32)
   logvar = logvar.astype(_F32)
   kl = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+  if reduction == "mean":
+    return jnp.mean(kl)
   return jnp.mean(jnp.sum(jnp.reshape(kl, (kl.shape[0], -1)), axis=-1))

@@ -307,11 +307,37 @@ def test_disc_factor():
   assert float(losses.disc_factor(0, 0, factor=0.5)) == 0.5
 
 
-def test_kl_loss():
+def test_kl_loss_sum_reduction():
+  """'sum' (LDM): summed over the latent elements of an image, mean over the batch."""
   z = jnp.zeros((2, 4, 4, 8))
-  assert float(losses.kl_loss(z, z)) == 0.0
+  assert float(losses.kl_loss(z, z, reduction="sum")) == 0.0
   # mean 1, var 1: 0.5 per dim, 128 dims per image.
-  assert float(losses.kl_loss(jnp.ones_like(z), z)) == pytest.approx(64.0)
+  assert float(losses.kl_loss(jnp.ones_like(z), z, reduction="sum")) == pytest.approx(64.0)
   lv = jnp.full_like(z, jnp.log(2.0))
   per_dim = 0.5 * (2.0 - 1.0 - np.log(2.0))
-  assert float(losses.kl_loss(z, lv)) == pytest.approx(128 * per_dim, rel=1e-6)
+  assert float(losses.kl_loss(z, lv, reduction="sum")) == pytest.approx(128 * per_dim,
+                                                                        rel=1e-6)
+
+
+def test_kl_loss_default_is_the_released_per_element_mean():
+  """The default is the GAE release's torch.mean of the element-wise KL (not the old sum).
+
+  Per-element KL of N(m, s^2) against N(0, 1) is 0.5 (m^2 + s^2 - 1 - log s^2); an
+  independent numpy mean of it over (B, h, w, d) must equal kl_loss(...) to float32
+  rounding, and it must not depend on the latent size (the old sum grew with h*w*d).
+  """
+  rng = np.random.default_rng(0)
+  m = rng.normal(size=(3, 4, 4, 8)).astype(np.float32)
+  lv = rng.normal(scale=0.5, size=m.shape).astype(np.float32)
+  want = np.mean(0.5 * (m.astype(np.float64) ** 2 + np.exp(lv.astype(np.float64)) - 1.0
+                        - lv.astype(np.float64)))
+  got = float(losses.kl_loss(jnp.asarray(m), jnp.asarray(lv)))
+  assert got == pytest.approx(want, rel=1e-5)
+  # The old behaviour (sum over 128 latent elements per image) is 128x larger.
+  assert float(losses.kl_loss(jnp.asarray(m), jnp.asarray(lv), reduction="sum")) == (
+      pytest.approx(128 * want, rel=1e-5))
+  # Size-invariant: tiling the latent grid 2x2 leaves the mean unchanged.
+  big = lambda a: jnp.tile(jnp.asarray(a), (1, 2, 2, 1))
+  assert float(losses.kl_loss(big(m), big(lv))) == pytest.approx(got, rel=1e-5)
+  with pytest.raises(ValueError, match="kl reduction 'batch'"):
+    losses.kl_loss(jnp.asarray(m), jnp.asarray(lv), reduction="batch")

@@ -254,7 +254,8 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
     w_gan = jax.lax.stop_gradient(gan_weight(gparams))
     total = nll + w_gan * disc_factor * g
     if model.kl:
-      kl = losses.kl_loss(aux["kl_mean"], aux["kl_logvar"])
+      kl = losses.kl_loss(aux["kl_mean"], aux["kl_logvar"],
+                          reduction=lc.get("kl_reduction", "mean"))
       total = total + lc.kl_weight * kl
       terms["kl"] = kl
     sp = semantic_loss(aux, x, frozen, config, gparams.get("sp_proj"))
