@@ -222,13 +222,18 @@ def evaluate_latents(workdir: str) -> dict:
     return json.load(f)
 
 
-def generation_gfid(workdir: str) -> dict:
-  """Latent cache -> tiny LightningDiT (runlocal) -> samples -> gFID vs the train crops."""
+def generation_gfid(workdir: str, train_only: bool = False) -> dict | None:
+  """Latent cache -> tiny LightningDiT (runlocal) -> samples -> gFID vs the train crops.
+
+  train_only: stop after the DiT (None), e.g. while the sampler is still changing.
+  """
   cache, dit, ev = (os.path.join(workdir, n) for n in ("latents", "dit", "eval_generation"))
   if not _done(os.path.join(cache, "stats.npz")):          # written last, once complete
     _run(_main_cmd(CACHE_CFG, cache, {}, f"gae={workdir}"), cache + ".log")
   if not _finished(dit):
     _run(_main_cmd(DIT_CFG, dit, {}, f"cache={cache}"), dit + ".log")
+  if train_only:
+    return None
   if not _done(os.path.join(ev, "metrics.json")):
     _run(_main_cmd(EVAL_GEN_CFG, ev, {"eval.generation.num_classes": 11}, f"dit={dit}"),
          ev + ".log")
@@ -581,8 +586,9 @@ LEGACY_PROVENANCE = dict(commit="c259b173d14f9266424f31691a501124b248190b",
 
 
 def _git_head() -> str:
+  """The code's commit: `git rev-parse HEAD`, or $SSR_CODE_COMMIT for an exported tree."""
   r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
-  return r.stdout.strip() or "unknown"
+  return r.stdout.strip() or os.environ.get("SSR_CODE_COMMIT", "unknown")
 
 
 def _slim(r: dict) -> dict:
@@ -615,6 +621,9 @@ def main():
                  help="comma-separated variants to (re-)run; the others' rows are read from "
                       "the stored metrics.json")
   p.add_argument("--note", default="", help="why these variants are (re-)run (in the doc)")
+  p.add_argument("--train_only", action="store_true",
+                 help="train (autoencoders, evaluations, caches, DiTs) but sample nothing "
+                      "and write no document; a later run without it resumes")
   p.add_argument("--floor", action="store_true",
                  help="re-measure the real-data FID floor even if one is stored")
   p.add_argument("--unpinned", action="store_true",
@@ -665,8 +674,10 @@ def main():
       wd = train_variant(name, seed, a.out, teacher)
       r = dict(latents=evaluate_latents(wd), stats=latent_stats(wd))
       if name in NORM_VARIANTS:
-        r["generation"] = generation_gfid(wd)
-      rs.append(_slim(r))
+        r["generation"] = generation_gfid(wd, train_only=a.train_only)
+      rs.append(_slim(r) if not a.train_only else r)
+    if a.train_only:
+      continue
     results[name] = rs
     provenance[name] = dict(
         commit=commit, date=datetime.date.today().isoformat(), jax=_jax_version(),
@@ -675,6 +686,9 @@ def main():
                       1),
         note=a.note or "re-run", pinned_overrides=dict(PINNING["overrides"]),
         unpinned_new_fields=dict(PINNING["new_fields"]), pinned=PINNING["on"])
+  if a.train_only:
+    print(f"trained {todo} in {(time.time() - t0) / 60:.1f} min (--train_only: no document)")
+    return
   if a.floor or not stored.get("floor"):
     floor = generation_floor(a.out)["generation"]
   else:
