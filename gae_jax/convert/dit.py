@@ -112,8 +112,10 @@ def infer_model_kwargs(state_dict: Mapping[str, Any], *, num_heads: Optional[int
     use_abs_pos = bool(model_cfg["use_abs_pos"])
   else:
     use_abs_pos = "pos_embed" in sd and bool(np.any(np.asarray(sd["pos_embed"]) != 0))
-  use_rope = bool(model_cfg.get("use_rope", True if not model_cfg else False)
-                  or "feat_rope.freqs_cos" in sd)
+  # The released model registers the RoPE tables as (persistent) buffers iff use_rope, so a
+  # bare state dict without them is a model without RoPE; a config without the key too
+  # (their train.py default).
+  use_rope = bool(model_cfg.get("use_rope", False) or "feat_rope.freqs_cos" in sd)
   kw = dict(width=int(width), depth=depth,
             num_heads=_heads(int(width), num_heads, model_cfg.get("model_type")),
             patch_size=int(p), in_channels=int(in_ch), num_classes=int(rows) - 1,
