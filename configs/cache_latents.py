@@ -1,4 +1,4 @@
-r"""Latent cache for stage 3: z = mu of every image and its horizontal flip (SPEC stage 3).
+r"""Latent cache for stage 3: z = mu of every image and its horizontal flip (docs/method.md).
 
 ImageNet train set (ADM center crop 256), all hosts run the same command; each process
 writes its own ArrayRecord shards, and a rerun resumes after the last finished shard:

@@ -1,7 +1,7 @@
 r"""`stage = "eval"`: reconstruction metrics (rFID, PSNR, SSIM, LPIPS) of a GAE.
 
 rFID compares the reconstructions of the center-cropped validation images with those same
-images (SPEC; not ADM's VIRTUAL batch). Add `--config.eval.kind=reconstruction,robustness`
+images (docs/metrics.md; not the VIRTUAL batch). Add `--config.eval.kind=reconstruction,robustness`
 for the decoder-robustness curve of paper Fig. 4 too.
 
   python -m gae_jax.main --config=configs/eval_reconstruction.py:gae=/runs/gae_l32,\

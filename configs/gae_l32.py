@@ -1,4 +1,4 @@
-r"""GAE ViT-L autoencoder, d=32 latents (paper main model; SPEC stage 2, Tab. 13).
+r"""GAE ViT-L autoencoder, d=32 latents (paper main model; docs/method.md, stage 2; Tab. 13).
 
 CPU smoke run on the embedded photos:
   python -m gae_jax.main --config=configs/gae_l32.py:runlocal --workdir=/tmp/gae

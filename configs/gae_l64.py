@@ -1,4 +1,4 @@
-r"""GAE ViT-L autoencoder, d=64 latents (paper Tab. 5; SPEC stage 2).
+r"""GAE ViT-L autoencoder, d=64 latents (paper Tab. 5; docs/method.md, stage 2).
 
   python -m gae_jax.main --config=configs/gae_l64.py:runlocal --workdir=/tmp/gae64
   python -m gae_jax.main --config=configs/gae_l64.py --workdir=gs://bucket/gae_l64 --distributed

@@ -1,4 +1,4 @@
-r"""Semantic teacher for d=64 latents: E_sp + D_sp on frozen DINOv2-L/14 (SPEC stage 1).
+r"""Semantic teacher for d=64 latents: E_sp + D_sp on frozen DINOv2-L/14 (docs/method.md, stage 1).
 
 CPU smoke run (VGG16 relu5_3 features of the embedded photos, 8x8 grid; no DINOv2 needed):
   python -m gae_jax.main --config=configs/teacher_l64.py:runlocal --workdir=/tmp/teacher64

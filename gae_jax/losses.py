@@ -1,6 +1,6 @@
 """Autoencoder losses: L1, LPIPS, learned-logvar NLL, GAN (hinge / vanilla), KL.
 
-Composition used by the stage-2 trainer (SPEC stage 2, taming/LDM `LPIPSWithDiscriminator`):
+Composition used by the stage-2 trainer (docs/method.md; taming/LDM `LPIPSWithDiscriminator`):
   rec  = |x - x_hat| + lpips_weight * LPIPS(x, x_hat)        per pixel (LPIPS broadcast)
   nll  = nll_loss(rec, logvar)                               learned scalar logvar, init 0
   g    = generator_loss(D(x_hat))

@@ -1,6 +1,6 @@
 """Reconstruction evaluation: rFID, PSNR, SSIM, LPIPS and the decoder-robustness curve.
 
-Protocol (SPEC "Evaluation protocols"): the center-cropped validation images x are encoded
+Protocol (docs/metrics.md, "Reconstruction"): the center-cropped validation images x are encoded
 to mu = E(x) (no sigma-noise); for each noise scale s the decoder sees
 z_s = mu + s * eps, eps ~ N(0, I) (paper Fig. 4; s = 0 is the plain reconstruction);
 x_hat_s = D(z_s) is clipped to [-1, 1] and quantised to uint8 levels. Then

@@ -1,4 +1,4 @@
-"""Linear flow-matching path, training-time sampling and the LightningDiT loss (SPEC stage 3).
+"""Linear flow-matching path, training-time sampling, LightningDiT loss (docs/method.md, stage 3).
 
 Convention: t = 0 is noise, t = 1 is data. x_t = t * x1 + (1 - t) * x0 with x0 ~ N(0, I),
 the model predicts the velocity u = x1 - x0.

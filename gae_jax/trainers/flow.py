@@ -1,4 +1,4 @@
-"""Stage 3: LightningDiT flow matching on cached GAE latents (SPEC stage 3).
+"""Stage 3: LightningDiT flow matching on cached GAE latents (docs/method.md, stage 3).
 
   python -m gae_jax.main --config=configs/dit_xl_gae32_80ep.py:cache=/data/latents/gae_l32 \
       --workdir=/runs/dit_80ep
