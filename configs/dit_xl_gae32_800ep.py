@@ -13,10 +13,13 @@ CPU smoke run (a tiny "mu" DiT on the embedded-photo latent cache of a runlocal 
       --workdir=/tmp/s3/dit
 Parameter count (675.26M as the paper counts it, see plan.json):
   python -m gae_jax.main --config=configs/dit_xl_gae32_800ep.py --workdir=/tmp/plan --dry_run
-Sampling (`stage = "sample"`, same file with the `sample` arg): 50k class-uniform samples,
-SDE without CFG by default, `cfg` for the Euler ODE with the paper's CFG (w=3.3, interval 0.3, shift 0.4):
-  python -m gae_jax.main --config=configs/dit_xl_gae32_800ep.py:sample,cfg,ckpt=/runs/dit_xl_gae32_800ep \
-      --workdir=/runs/dit_xl_gae32_800ep/samples
+Sampling (`stage = "sample"`, same file with the `sample` arg): 50k class-uniform
+samples, SDE without CFG by default (released last step), `cfg` for the Euler ODE with
+the paper's CFG (w=3.3, interval 0.3, shift 0.4):
+  python -m gae_jax.main --config=configs/dit_xl_gae32_800ep.py:sample,cfg,\
+ckpt=/runs/dit_xl_gae32_800ep --workdir=/runs/dit_xl_gae32_800ep/samples
+`ablation` (with `sample`): the paper's App. H ablation protocol (Euler ODE, 250 steps, no
+CFG, shift 0.7, random labels).
   (runlocal: `:sample,runlocal,ckpt=/tmp/s3/dit`; the authors' .pt: configs/sample.py)
 """
 

@@ -13,10 +13,13 @@ CPU smoke run (a tiny "mu" DiT on the embedded-photo latent cache of a runlocal 
       --workdir=/tmp/s3/dit64
 Parameter count (plan.json; the d=32 model is the paper's 675.26M):
   python -m gae_jax.main --config=configs/dit_xl_gae64_80ep.py --workdir=/tmp/plan --dry_run
-Sampling (`stage = "sample"`, same file with the `sample` arg): 50k class-uniform samples,
-SDE without CFG by default, `cfg` for the Euler ODE with the paper's CFG (w=2.5, interval 0.25, shift 0.5):
-  python -m gae_jax.main --config=configs/dit_xl_gae64_80ep.py:sample,cfg,ckpt=/runs/dit_xl_gae64_80ep \
-      --workdir=/runs/dit_xl_gae64_80ep/samples
+Sampling (`stage = "sample"`, same file with the `sample` arg): 50k class-uniform
+samples, SDE without CFG by default (released last step), `cfg` for the Euler ODE with
+CFG w=2.5, interval 0.25 (both ours: the paper gives no d=64 CFG settings), shift 0.5:
+  python -m gae_jax.main --config=configs/dit_xl_gae64_80ep.py:sample,cfg,\
+ckpt=/runs/dit_xl_gae64_80ep --workdir=/runs/dit_xl_gae64_80ep/samples
+`ablation` (with `sample`): the paper's App. H ablation protocol (Euler ODE, 250 steps, no
+CFG, shift 0.7, random labels).
   (runlocal: `:sample,runlocal,ckpt=/tmp/s3/dit64`; the authors' .pt: configs/sample.py)
 """
 

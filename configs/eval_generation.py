@@ -2,7 +2,10 @@ r"""`stage = "eval"`: gFID / sFID / IS / precision / recall of a sample set.
 
 Samples: an .npz with uint8 `arr_0` (ADM layout, what the `sample` stage writes), a sample
 workdir, `data:<split>` (real images, a baseline) or `dit=<flow run or .pt>` to sample first
-(the `sample` stage, then the evaluation). Reference: ADM's
+(the `sample` stage, then the evaluation: by default the paper's main protocol, SDE without
+CFG with the released last step and class-uniform labels, shift/CFG from
+`--config.eval.generation.latent_dim/epochs/cfg`; `dit=...,ablation` the App. H ablation
+protocol: Euler ODE, 250 steps, no CFG, shift 0.7, random labels). Reference: ADM's
 VIRTUAL_imagenet256_labeled.npz, one of our stats files, or (empty) statistics computed
 from `config.data` (`eval.generation.reference_split`, cached in ~/.cache/gae_jax/fid_refs).
 IS needs Inception params with the classifier: `inception=<pt_inception-2015-12-05.pth>`.

@@ -128,7 +128,15 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
   # batch 1024, 250k iterations. Weight decay is not given for the AE: 0.05 as the teacher.
   c.optim = optimizer_config(2e-4, end_lr=2e-5, warmup_steps=8000, b1=0.9, b2=0.98,
                              weight_decay=0.05)
-  c.disc_optim = optimizer_config(2e-4, end_lr=2e-5, warmup_steps=0, b1=0.9, b2=0.98,
+  # Discriminator lr (released): configs/ae/gae_d32.yaml has `learning_rate: 1e-5,
+  # lr_g_factor: 20`. In the code the release builds on (CompVis latent-diffusion VQModel,
+  # VA-VAE's vavae/ldm/models/autoencoder.py `configure_optimizers`: lr_d = learning_rate,
+  # lr_g = lr_g_factor * learning_rate) that is generator 2e-4 (= Tab. 13) and
+  # discriminator 1e-5; the GAE training code itself is not released. The decay keeps the
+  # generator's 10x ratio (1e-5 -> 1e-6; VA-VAE puts one LambdaLR schedule on both
+  # optimizers). Paper reading (Tab. 13 lists one lr): --config.disc_optim.lr=2e-4
+  # --config.disc_optim.end_lr=2e-5. See docs/fidelity.md.
+  c.disc_optim = optimizer_config(1e-5, end_lr=1e-6, warmup_steps=0, b1=0.9, b2=0.98,
                                   weight_decay=0.0)
   c.total_steps = 250_000
   c.batch_size = 1024
@@ -206,23 +214,47 @@ def cache_latents_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return c
 
 
-# Paper / SPEC sampling settings: (latent_dim, epochs) -> shift, CFG scale, CFG interval.
+# Sampling settings per (latent_dim, DiT epochs): shift, CFG scale, CFG interval start.
+# d=32: paper App. G (800 ep: shift 0.4, w 3.3, interval 0.3; 80 ep: 0.4, 2.5, 0.25).
+# d=64: the shift 0.5 is the paper's (App. G); its CFG scale / interval are OURS (the d=32
+# values): the paper reports no guided d=64 result and gives no d=64 CFG settings.
 SAMPLING_PRESETS = {
     (32, 80): dict(shift=0.4, cfg_scale=2.5, cfg_interval=0.25),
     (32, 800): dict(shift=0.4, cfg_scale=3.3, cfg_interval=0.3),
-    (64, 80): dict(shift=0.5, cfg_scale=2.5, cfg_interval=0.25),
-    (64, 800): dict(shift=0.5, cfg_scale=3.3, cfg_interval=0.3),
+    (64, 80): dict(shift=0.5, cfg_scale=2.5, cfg_interval=0.25),     # CFG: ours
+    (64, 800): dict(shift=0.5, cfg_scale=3.3, cfg_interval=0.3),     # CFG: ours
 }
+# The ablation protocol of paper App. H (VA-VAE's): Euler ODE, 250 steps, no CFG, shift 0.7,
+# random labels; for the ablation tables (100-epoch AE, 80-epoch DiT without QK-norm).
+ABLATION_SAMPLING = dict(mode="euler", shift=0.7, cfg_scale=1.0, cfg_interval=0.0,
+                         labels="random")
 
 
 def sampling_config(latent_dim: int, epochs: int, cfg: bool = False,
-                    num_steps: int = 250) -> ml_collections.ConfigDict:
-  """Sampler settings: SDE without CFG (default), or Euler ODE with CFG + interval (cfg)."""
+                    num_steps: int = 250, ablation: bool = False
+                    ) -> ml_collections.ConfigDict:
+  """Sampler settings (gae_jax/flow/generate.py reads mode, num_steps, shift, cfg_scale,
+  cfg_interval, last_step).
+
+  Default: the paper's main-result protocol (App. G): SDE without CFG; `cfg`: Euler ODE with
+  CFG on the interval, both with the (latent_dim, epochs) shift of SAMPLING_PRESETS.
+  last_step 'release': the released SDE last step (gae_jax/flow/samplers.py; 'grid' is
+  ours). `ablation`: App. H's protocol (ABLATION_SAMPLING without the label mode, which the
+  `sample` stage reads from sample.labels). Raises ValueError for ablation with cfg.
+  """
+  if ablation and cfg:
+    raise ValueError("config args 'ablation' and 'cfg' exclude each other: the ablation "
+                     "protocol (paper App. H) samples without CFG")
   p = SAMPLING_PRESETS.get((latent_dim, epochs), SAMPLING_PRESETS[(32, 800)])
+  if ablation:
+    a = ABLATION_SAMPLING
+    return ml_collections.ConfigDict(dict(
+        mode=a["mode"], num_steps=num_steps, shift=a["shift"], cfg_scale=a["cfg_scale"],
+        cfg_interval=a["cfg_interval"], last_step="release"))
   return ml_collections.ConfigDict(dict(
       mode="euler" if cfg else "sde", num_steps=num_steps, shift=p["shift"],
       cfg_scale=p["cfg_scale"] if cfg else 1.0, cfg_interval=p["cfg_interval"] if cfg else 0.0,
-      last_step="mean"))
+      last_step="release"))
 
 
 def dit_config(arg: str | None, *, latent_dim: int, epochs: int) -> ml_collections.ConfigDict:
@@ -231,10 +263,16 @@ def dit_config(arg: str | None, *, latent_dim: int, epochs: int) -> ml_collectio
   arg: 'runlocal' (tiny "mu" DiT on the embedded-photo cache), 'variant=XL/1',
   'cache=<dir>', 'gae=<path>' (decoder for sample grids; default: the cache's GAE),
   'sample' (the `sample` stage for this run: see `sample_config`), 'cfg' (with sample:
-  ODE + CFG with the paper's scale / interval), 'ckpt=<flow workdir or .pt>' (with sample).
+  ODE + CFG with the paper's scale / interval), 'ablation' (with sample: the paper's
+  App. H ablation protocol: Euler ODE, no CFG, shift 0.7, random labels),
+  'ckpt=<flow workdir or .pt>' (with sample).
   """
   a = parse_arg(arg, runlocal=False, variant="XL/1", cache="", gae="", sample=False,
-                cfg=False, ckpt="", num_samples=50_000, latent_dim=latent_dim)
+                cfg=False, ablation=False, ckpt="", num_samples=50_000,
+                latent_dim=latent_dim)
+  if a.ablation and not a.sample:
+    raise ValueError(f"config arg 'ablation' selects a sampling protocol: use it with "
+                     f"'sample' ({arg!r})")
   if a.sample:
     return sample_config(a, latent_dim=a.latent_dim, epochs=epochs)
   c = common_config("flow")
@@ -280,11 +318,15 @@ def dit_config(arg: str | None, *, latent_dim: int, epochs: int) -> ml_collectio
 
 def sample_config(a: ml_collections.ConfigDict, *, latent_dim: int, epochs: int
                   ) -> ml_collections.ConfigDict:
-  """`stage = "sample"`: N class-uniform samples -> .npz (uint8 NHWC, `arr_0`) + PNG grid.
+  """`stage = "sample"`: N samples -> .npz (uint8 NHWC, `arr_0`) + PNG grid.
 
+  a: parsed args with ckpt, gae, cfg, num_samples, runlocal and optionally ablation.
   Fields: dit.init_from (flow workdir or the authors' .pt), dit.stats (default: beside the
   checkpoint / the run's cache), gae.init_from (default: the flow run's cache GAE),
-  sample.* (SDE without CFG, or with 'cfg' Euler ODE + CFG on the paper's interval).
+  sample.* (`sampling_config`: SDE without CFG, with 'cfg' Euler ODE + CFG on the paper's
+  interval, with 'ablation' App. H's protocol), sample.labels ('uniform': exactly
+  num_samples / num_classes per class, the paper's main protocol and the released
+  inference_sample.py; 'random': uniform random labels, the ablation protocol).
   """
   c = common_config("sample")
   c.dit = ml_collections.ConfigDict(dict(
@@ -293,7 +335,9 @@ def sample_config(a: ml_collections.ConfigDict, *, latent_dim: int, epochs: int
       use_ema=True, num_heads=ml_collections.FieldReference(None, field_type=int)))
   c.gae = ml_collections.ConfigDict(dict(
       init_from=ml_collections.FieldReference(a.gae or None, field_type=str)))
-  c.sample = sampling_config(latent_dim, epochs, cfg=a.cfg)
+  ablation = bool(a.get("ablation", False))
+  c.sample = sampling_config(latent_dim, epochs, cfg=a.cfg, ablation=ablation)
+  c.sample.labels = ABLATION_SAMPLING["labels"] if ablation else "uniform"
   c.sample.num_samples = a.num_samples
   c.sample.num_classes = 1000
   c.sample.seed = 0
@@ -320,11 +364,13 @@ def eval_config(arg: str | None, *, kind: str) -> ml_collections.ConfigDict:
   'source=embedded|folder|tfds', 'root=...', 'kind=a,b' is not parsed (commas split args):
   override with --config.eval.kind=... instead. 'samples=<npz|sample dir|data:val>',
   'reference=<VIRTUAL_imagenet256_labeled.npz or stats npz>' (generation),
-  'inception=<pytorch-fid .pth>' (enables IS), 'num_images=N', 'dit=<flow run or .pt>'.
+  'inception=<pytorch-fid .pth>' (enables IS), 'num_images=N', 'dit=<flow run or .pt>',
+  'ablation' (with dit: sample with the paper's App. H ablation protocol, see
+  `sampling_config`; default: the main protocol, SDE without CFG, class-uniform labels).
   """
   from gae_jax.data import pipeline  # late import: configs stay light to parse
   a = parse_arg(arg, runlocal=False, gae="", source="tfds", root="", samples="",
-                reference="", inception="", num_images=-1, dit="")
+                reference="", inception="", num_images=-1, dit="", ablation=False)
   c = common_config("eval")
   c.gae = ml_collections.ConfigDict(dict(
       init_from=ml_collections.FieldReference(a.gae or None, field_type=str), use_ema=True))
@@ -348,8 +394,8 @@ def eval_config(arg: str | None, *, kind: str) -> ml_collections.ConfigDict:
       generation=dict(
           samples=a.samples, reference=a.reference, reference_split="train",
           reference_num_images=-1, num_samples=-1, precision_recall=True, k=3,
-          is_splits=10, dit=a.dit, dit_stats="", cfg=False, latent_dim=32, epochs=800,
-          num_classes=0),
+          is_splits=10, dit=a.dit, dit_stats="", cfg=False, ablation=a.ablation,
+          latent_dim=32, epochs=800, num_classes=0),
       probe=dict(
           heads=["flatten", "GAP"], epochs=100, batch_size=2048, lr=0.008,
           train_split="train", val_split="val", num_train=-1, num_val=-1,

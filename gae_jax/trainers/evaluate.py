@@ -125,7 +125,9 @@ def _sample_from_dit(config, workdir: str) -> str:
   from gae_jax import configs_lib  # pylint: disable=g-import-not-at-top
   g = config.eval.generation
   a = ml_collections.ConfigDict(dict(ckpt=g.dit, gae=config.gae.init_from or "",
-                                     cfg=g.get("cfg", False), num_samples=g.num_samples
+                                     cfg=g.get("cfg", False),
+                                     ablation=g.get("ablation", False),
+                                     num_samples=g.num_samples
                                      if g.num_samples > 0 else 50_000, runlocal=False))
   sc = configs_lib.sample_config(a, latent_dim=g.get("latent_dim", 32),
                                  epochs=g.get("epochs", 800))

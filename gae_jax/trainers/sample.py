@@ -1,16 +1,20 @@
-"""`stage = "sample"`: class-uniform samples of a LightningDiT, decoded by the GAE.
+"""`stage = "sample"`: class-uniform (or random-label) samples of a LightningDiT, decoded
+by the GAE.
 
   python -m gae_jax.main --config=configs/dit_xl_gae32_800ep.py:sample,cfg \
       --config.dit.init_from=/runs/dit_800ep --workdir=/runs/dit_800ep/samples
 
-Exactly `num_samples / num_classes` samples per class (labels 0,0,..,1,1,..); the last
-global batch is padded (label 0, discarded). The whole sampler (SDE without CFG, or an
-Euler/Heun ODE with CFG inside the guidance interval), the de-normalisation z * std + mean,
-the GAE decode and the uint8 quantisation run in one jit sharded over the batch.
+Labels (`sample.labels`): 'uniform' (default; the paper's main protocol and the released
+inference_sample.py) gives exactly `num_samples / num_classes` samples per class (labels
+0,0,..,1,1,..); 'random' (the ablation protocol, App. H) draws them uniformly from
+`sample.seed`. The last global batch is padded (label 0, discarded). The whole sampler
+(SDE without CFG, or an Euler/Heun ODE with CFG inside the guidance interval), the
+de-normalisation z * std + mean, the GAE decode and the uint8 quantisation run in one jit
+sharded over the batch.
 Output: `<workdir>/<output>.npz` with `arr_0` (N, H, W, 3) uint8 (the ADM evaluator's
 layout, streamed to disk batch by batch) and `<output>.png`, a grid of the first images
-of every class. Initial noise of sample i is N(0, I) from fold_in(seed, i), so a sample does
-not depend on the batch size or the mesh.
+of every class (with random labels: the first images). Initial noise of sample i is
+N(0, I) from fold_in(seed, i), so a sample does not depend on the batch size or the mesh.
 
 The generator itself (sampler + decode, one jit) is gae_jax/flow/generate.py.
 """
@@ -60,14 +64,33 @@ class NpzWriter:
     os.replace(self._tmp, self.path)
 
 
-def _padded_labels(num_samples: int, num_classes: int, batch: int) -> tuple[np.ndarray, int]:
-  labels = flow.class_uniform_labels(num_samples, num_classes)
+LABEL_MODES = ("uniform", "random")
+
+
+def _label_mode(s) -> str:
+  mode = s.get("labels", "uniform")
+  if mode not in LABEL_MODES:
+    raise ValueError(f"config.sample.labels={mode!r}: use one of {LABEL_MODES}")
+  return mode
+
+
+def _padded_labels(num_samples: int, num_classes: int, batch: int, mode: str = "uniform",
+                   seed: int = 0) -> tuple[np.ndarray, int]:
+  """(labels padded to a multiple of batch, padded total); mode as `sample.labels`."""
+  if mode == "random":
+    labels = flow.random_labels(num_samples, num_classes, seed)
+  else:
+    labels = flow.class_uniform_labels(num_samples, num_classes)
   total = -(-num_samples // batch) * batch
   return np.concatenate([labels, np.zeros(total - num_samples, np.int32)]), total
 
 
-def _grid_indices(num_samples: int, num_classes: int, n: int) -> np.ndarray:
-  """The first images of each class block, interleaved class by class, at most n."""
+def _grid_indices(num_samples: int, num_classes: int, n: int, mode: str = "uniform"
+                  ) -> np.ndarray:
+  """'uniform': the first images of each class block, interleaved class by class;
+  'random': the first images. At most n."""
+  if mode == "random":
+    return np.arange(min(n, num_samples), dtype=np.int64)
   per = num_samples // num_classes
   idx = [c * per + k for k in range(per) for c in range(num_classes)]
   return np.asarray(idx[:n], np.int64)
@@ -75,7 +98,8 @@ def _grid_indices(num_samples: int, num_classes: int, n: int) -> np.ndarray:
 
 def plan(config) -> dict:
   s = config.sample
-  per_class = s.num_samples // s.num_classes if s.num_samples % s.num_classes == 0 else None
+  uniform = _label_mode(s) == "uniform" and s.num_samples % s.num_classes == 0
+  per_class = s.num_samples // s.num_classes if uniform else None
   return {"stage": "sample", "dit": config.dit.init_from, "gae": config.gae.init_from,
           "num_samples": s.num_samples, "num_classes": s.num_classes,
           "per_class": per_class, "global_batch": config.batch_size,
@@ -130,12 +154,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   gae_params = jax.device_put(gae.params, rep)
   mean, std = jax.device_put((handle.mean, handle.std), rep)
   batch = config.batch_size
-  labels, total = _padded_labels(s.num_samples, s.num_classes, batch)
+  mode = _label_mode(s)
+  labels, total = _padded_labels(s.num_samples, s.num_classes, batch, mode, s.seed)
   t0 = time.perf_counter()
   compiled = generate_lib.compile_generate(handle.model, gae.model, s, mesh, rules, batch,
                               handle.latent_shape, dit_params, gae_params)
-  logging.info("sample: compiled in %.1fs; %d samples (%d per class) in %d calls of %d",
-               time.perf_counter() - t0, s.num_samples, s.num_samples // s.num_classes,
+  logging.info("sample: compiled in %.1fs; %d samples (%s labels, %d classes) in %d calls "
+               "of %d", time.perf_counter() - t0, s.num_samples, mode, s.num_classes,
                total // batch, batch)
   data = sharding_lib.data_sharding(mesh, rules)
   size = gae.config.image_size
@@ -143,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   npz_path = os.path.join(workdir, f"{s.output}.npz")
   writer = NpzWriter(npz_path, (s.num_samples, size, size, 3)) if jax.process_index() == 0 \
       else None
-  grid_idx = _grid_indices(s.num_samples, s.num_classes, s.grid_images)
+  grid_idx = _grid_indices(s.num_samples, s.num_classes, s.grid_images, mode)
   grid = np.zeros((len(grid_idx), size, size, 3), np.uint8)
   base_key = jax.random.key(s.seed)
   make_noise = jax.jit(functools.partial(generate_lib.noise_for, s.seed, shape=handle.latent_shape),
