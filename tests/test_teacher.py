@@ -278,3 +278,42 @@ def test_matches_released_forward_in_torch():
   rec, aux = jax.jit(m.apply)({"params": p}, fj)
   np.testing.assert_allclose(np.asarray(aux["latent"]).reshape(2, 16, d), z.numpy(), atol=2e-5)
   np.testing.assert_allclose(np.asarray(rec).reshape(2, 16, c), r.numpy(), atol=2e-5)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("window,depth", [(1, 1), (2, 2)])
+def test_released_file_matches_float64_torch_reference(tmp_path, window, depth):
+  """A `latest.pth` in the released layout (random weights, tiny DINOv2 inside) read by
+  `pretrained.load_teacher` against the float64 torch forward of DinoReconstructor4D
+  (tests/torch_reference_teacher.py) on the same features; heads (C // 64), window,
+  decoder depth and SwiGLU width come from the file. Tolerance: max |diff| <= 1e-4 with
+  the float32 model vs float64 (measured ~1e-6) on RMS-normalised outputs (rms 1)."""
+  torch = pytest.importorskip("torch")
+  import torch_reference_teacher as ref  # tests/ helper
+  from gae_jax import pretrained
+
+  c, d = 128, 8
+  sd = ref.random_state_dict(np.random.default_rng(window), channels=c, latent_dim=d,
+                             window=window, decoder_depth=depth)
+  path = str(tmp_path / "latest.pth")
+  torch.save({"epoch": 7, "model_state_dict": {k: torch.from_numpy(v) for k, v in sd.items()},
+              "optimizer_state_dict": {"state": {}, "param_groups": []},
+              "scaler_state_dict": None, "scheduler_state_dict": {"last_epoch": 7}}, path)
+  handle = pretrained.load_teacher(path)
+  cfg = handle.config
+  assert (cfg.channels, cfg.latent_dim, cfg.window, cfg.decoder_depth, cfg.grid) == (
+      c, d, window, depth, 16)
+  assert cfg.num_heads == cfg.decoder_num_heads == 2 and cfg.decoder_mlp_hidden == 512
+
+  feats = np.asarray(_feats(seed=window, b=2, h=16, c=c))
+  want_recon, want_z, want_target = ref.forward(sd, feats, window)
+  recon, aux = jax.jit(handle.module.apply)(handle.variables, jnp.asarray(feats))
+  z = jax.jit(lambda v, f: handle.module.apply(v, f, method="latents"))(
+      handle.variables, jnp.asarray(feats))
+  for name, got, want in (("latent", aux["latent"], want_z), ("latents()", z, want_z),
+                          ("recon", recon, want_recon), ("target", aux["target"], want_target)):
+    diff = float(np.max(np.abs(np.asarray(got, np.float64) - want)))
+    print(f"teacher w={window} L={depth} {name}: max|diff| {diff:.3g}")
+    assert diff <= 1e-4, f"{name}: max |jax - torch64| = {diff:.3g}"
+  # Non-degenerate: the reference recon is not the target, and windows mix (w = 2).
+  assert float(np.max(np.abs(want_recon - want_target))) > 0.5

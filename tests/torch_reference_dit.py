@@ -189,16 +189,16 @@ def velocity(sd_np: dict, x_nhwc: np.ndarray, t: np.ndarray, y: np.ndarray, *,
   first C output channels, as released. QK-norm / RoPE follow the keys present.
   """
   sd = {k: torch.as_tensor(np.asarray(v)).to(DTYPE) for k, v in sd_np.items()}
-  x = torch.as_tensor(np.asarray(x_nhwc)).to(DTYPE).permute(0, 3, 1, 2)
+  x = torch.as_tensor(np.array(x_nhwc)).to(DTYPE).permute(0, 3, 1, 2)
   bsz, chans, height, wid = x.shape
   w_pe = sd["x_embedder.proj.weight"]
   p = w_pe.shape[-1]
   tok = F.conv2d(x, w_pe, sd["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2)
   if use_abs_pos:
     tok = tok + sd["pos_embed"]
-  c = _lin(F.silu(_lin(_timestep_features(torch.as_tensor(np.asarray(t))), sd,
+  c = _lin(F.silu(_lin(_timestep_features(torch.as_tensor(np.array(t))), sd,
                        "t_embedder.mlp.0")), sd, "t_embedder.mlp.2")
-  c = c + sd["y_embedder.embedding_table.weight"][torch.as_tensor(np.asarray(y)).long()]
+  c = c + sd["y_embedder.embedding_table.weight"][torch.as_tensor(np.array(y)).long()]
   rope = None
   if "feat_rope.freqs_cos" in sd:
     rope = (sd["feat_rope.freqs_cos"], sd["feat_rope.freqs_sin"])
