@@ -1,5 +1,5 @@
 r"""LightningDiT-XL/1 on GAE d=32 latents, 800 epochs
-(QK-norm, 1M steps, batch 1024; SPEC stage 3, paper Tab. 13).
+(QK-norm, 1M steps, batch 1024; docs/method.md, stage 3; paper Tab. 13).
 
 Train (the cache comes from configs/cache_latents.py; the GAE for sample grids is read
 from the cache's manifest):
