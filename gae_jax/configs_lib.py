@@ -4,39 +4,140 @@ Config files (configs/*.py) call these so every stage reads the same field names
 """
 
 import ast
-from typing import Any
+import difflib
+from typing import Any, Sequence
 
 import ml_collections
 
 
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+def did_you_mean(word: str, choices) -> str:
+  """' Did you mean 'x'?' for the closest of `choices` (difflib), else ''."""
+  choices = [str(c) for c in choices]
+  match = [c for c in choices if c.lower() == word.lower()]
+  match = match or difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+  return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def parse_arg(arg: str | None, *, exclusive: Sequence[tuple[str, str]] = (),
+              **defaults: Any) -> ml_collections.ConfigDict:
   """'runlocal,variant=B,latent_dim=64' -> ConfigDict; a bare name means True.
 
   Only keys given in `defaults` are allowed, and each value is parsed into its default's
-  type, so `variant=B` and `latent_dim=64` both work and a typo fails loudly.
+  type, so `variant=B` and `latent_dim=64` both work. `exclusive`: pairs (a, b) of keys
+  that cannot both be given because `a` overrides what `b` sets (e.g. ('runlocal',
+  'variant'): runlocal trains the tiny "mu" model). Raises ValueError (one line naming the
+  key, with a "Did you mean" suggestion) for an unknown key, a key given twice, a bare name
+  that is not a boolean, a value not of the default's type, or an exclusive pair.
   """
   out = ml_collections.ConfigDict(defaults)
+  given = []
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"unknown config arg {key!r} in {arg!r}; known: {sorted(defaults)}")
+      raise ValueError(f"unknown config arg {key!r} in {arg!r}.{did_you_mean(key, defaults)}"
+                       f" Known: {', '.join(sorted(defaults))}")
+    if key in given:
+      raise ValueError(f"config arg {key!r} is given twice in {arg!r}")
+    given.append(key)
+    default = defaults[key]
     if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"config arg {key!r} needs a value ({key}=...) in {arg!r}")
       out[key] = True
       continue
-    default = defaults[key]
     if isinstance(default, bool):
       if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"config arg {key}={value!r} is not a boolean")
+        raise ValueError(f"config arg {key}={value!r} is not a boolean in {arg!r}")
       out[key] = value.lower() in ("true", "1")
     elif isinstance(default, (int, float)):
       try:
-        out[key] = type(default)(ast.literal_eval(value))
-      except (ValueError, SyntaxError) as e:
-        raise ValueError(f"config arg {key}={value!r} is not a {type(default).__name__}") from e
+        parsed = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        parsed = None
+      ok = (int,) if isinstance(default, int) else (int, float)
+      if isinstance(parsed, bool) or not isinstance(parsed, ok):
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ValueError(f"config arg {key}={value!r} is not {kind} in {arg!r}")
+      out[key] = type(default)(parsed)
     else:
       out[key] = value
+  for a, b in exclusive:
+    if a in given and b in given:
+      raise ValueError(f"config args {a!r} and {b!r} cannot be combined in {arg!r}: "
+                       f"{a!r} sets {b} itself, so the given {b} would be ignored")
   return out
+
+
+def _check(ok: bool, field: str, value: Any, requirement: str) -> None:
+  if not ok:
+    raise ValueError(f"{field}={value!r} {requirement}")
+
+
+def validate(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
+  """Checks the values a run would silently misuse; raises ValueError (one line naming the
+  field, e.g. "config.optim.lr=-1.0 must be > 0") on the first bad one.
+
+  Checked where present: batch_size > 0, total_steps >= 0, every optimizer block (a
+  sub-config with `lr` and `schedule`): lr > 0, end_lr >= 0, warmup_steps >= 0,
+  weight_decay >= 0, b1, b2 in [0, 1), schedule in {cosine, constant}, grad_clip None or
+  > 0; ema_decay None or in [0, 1); model.variant / model.decoder_variant in the model's
+  size table (ViT for the autoencoder, LightningDiT for the flow stage); model.sigma_std
+  >= 0; model.latent_dim > 0; the autoencoder's data.image_size a multiple of
+  model.patch_size. Sub-configs that have a `stage` (the demo's per-stage configs) are
+  validated the same way under their own prefix.
+  """
+  c = config
+  _check(c.get("batch_size", 1) > 0, f"{prefix}.batch_size", c.get("batch_size"), "must be > 0")
+  _check(c.get("total_steps", 0) >= 0, f"{prefix}.total_steps", c.get("total_steps"),
+         "must be >= 0")
+  for name in sorted(c.keys()):
+    o, at = c[name], f"{prefix}.{name}"
+    if not isinstance(o, ml_collections.ConfigDict):
+      continue
+    if "stage" in o:
+      validate(o, at)
+    if not ("lr" in o and "schedule" in o):
+      continue
+    _check(o.lr > 0, f"{at}.lr", o.lr, "must be > 0")
+    _check(o.get("end_lr", 0) >= 0, f"{at}.end_lr", o.get("end_lr"), "must be >= 0")
+    _check(o.get("warmup_steps", 0) >= 0, f"{at}.warmup_steps", o.get("warmup_steps"),
+           "must be >= 0")
+    _check(o.get("weight_decay", 0) >= 0, f"{at}.weight_decay", o.get("weight_decay"),
+           "must be >= 0")
+    for b in ("b1", "b2"):
+      _check(0 <= o.get(b, 0) < 1, f"{at}.{b}", o.get(b), "must be in [0, 1)")
+    _check(o.schedule in ("cosine", "constant"), f"{at}.schedule", o.schedule,
+           "must be 'cosine' or 'constant'")
+    clip = o.get("grad_clip")
+    _check(clip is None or clip > 0, f"{at}.grad_clip", clip, "must be None or > 0")
+  ema = c.get("ema_decay")
+  _check(ema is None or 0 <= ema < 1, f"{prefix}.ema_decay", ema, "must be None or in [0, 1)")
+  model = c.get("model")
+  if not isinstance(model, ml_collections.ConfigDict):
+    return
+  table, fields = None, ()
+  if c.get("stage") == "autoencoder":
+    from gae_jax.models import vit  # pylint: disable=g-import-not-at-top
+    table, fields = vit.VARIANTS, ("variant", "decoder_variant")
+  elif c.get("stage") == "flow":
+    from gae_jax.models import dit  # pylint: disable=g-import-not-at-top
+    table, fields = dit.VARIANTS, ("variant",)
+  for f in fields:
+    v = model.get(f)
+    if v is not None and v not in table:
+      raise ValueError(f"{prefix}.model.{f}={v!r} is not a model size."
+                       f"{did_you_mean(v, table)} Known: {', '.join(table)}")
+  if model.get("sigma_std") is not None:
+    _check(model.sigma_std >= 0, f"{prefix}.model.sigma_std", model.sigma_std, "must be >= 0")
+  if model.get("latent_dim") is not None:
+    _check(model.latent_dim > 0, f"{prefix}.model.latent_dim", model.latent_dim, "must be > 0")
+  data = c.get("data")
+  size = data.get("image_size", 0) if isinstance(data, ml_collections.ConfigDict) else 0
+  patch = model.get("patch_size")
+  if c.get("stage") == "autoencoder" and size and patch:
+    _check(size % patch == 0, f"{prefix}.data.image_size", size,
+           f"must be a multiple of model.patch_size={patch}")
 
 
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1):
@@ -102,7 +203,9 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
   """
   from gae_jax.data import pipeline  # late import: configs stay light to parse
   a = parse_arg(arg, variant="L", runlocal=False, sigma_std=0.2, kl=False,
-                source="tfds", root="", latent_dim=latent_dim)
+                source="tfds", root="", latent_dim=latent_dim,
+                exclusive=[("runlocal", "variant"), ("runlocal", "source"),
+                           ("runlocal", "root")])
   c = common_config("autoencoder")
   c.model = ml_collections.ConfigDict(dict(
       variant=a.variant, decoder_variant=a.variant, patch_size=16, latent_dim=a.latent_dim,
@@ -183,7 +286,8 @@ def cache_latents_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """
   from gae_jax.data import pipeline  # late import: configs stay light to parse
   a = parse_arg(arg, runlocal=False, gae="", source="tfds", root="", split="train",
-                shard_size=10_000)
+                shard_size=10_000, exclusive=[("runlocal", "source"), ("runlocal", "root"),
+                                              ("runlocal", "shard_size")])
   c = common_config("cache_latents")
   c.gae = ml_collections.ConfigDict(dict(
       init_from=ml_collections.FieldReference(a.gae or None, field_type=str)))
@@ -269,7 +373,7 @@ def dit_config(arg: str | None, *, latent_dim: int, epochs: int) -> ml_collectio
   """
   a = parse_arg(arg, runlocal=False, variant="XL/1", cache="", gae="", sample=False,
                 cfg=False, ablation=False, ckpt="", num_samples=50_000,
-                latent_dim=latent_dim)
+                latent_dim=latent_dim, exclusive=[("runlocal", "variant")])
   if a.ablation and not a.sample:
     raise ValueError(f"config arg 'ablation' selects a sampling protocol: use it with "
                      f"'sample' ({arg!r})")
@@ -370,7 +474,8 @@ def eval_config(arg: str | None, *, kind: str) -> ml_collections.ConfigDict:
   """
   from gae_jax.data import pipeline  # late import: configs stay light to parse
   a = parse_arg(arg, runlocal=False, gae="", source="tfds", root="", samples="",
-                reference="", inception="", num_images=-1, dit="", ablation=False)
+                reference="", inception="", num_images=-1, dit="", ablation=False,
+                exclusive=[("runlocal", "source"), ("runlocal", "root")])
   c = common_config("eval")
   c.gae = ml_collections.ConfigDict(dict(
       init_from=ml_collections.FieldReference(a.gae or None, field_type=str), use_ema=True))
@@ -445,7 +550,9 @@ def teacher_config(arg: str | None, *, latent_dim: int) -> ml_collections.Config
   from gae_jax.data import pipeline  # late import: configs stay light to parse
   a = parse_arg(arg, runlocal=False, paper=False, window=0, decoder_depth=0,
                 downsampler="attn_patchconv", vfm="dinov2", weights="", svd_images=64_000,
-                source="tfds", root="", latent_dim=latent_dim)
+                source="tfds", root="", latent_dim=latent_dim,
+                exclusive=[("runlocal", "vfm"), ("runlocal", "svd_images"),
+                           ("runlocal", "source"), ("runlocal", "root")])
   c = common_config("teacher")
   vfm = "vgg16_relu5_3" if a.runlocal else a.vfm
   c.teacher = ml_collections.ConfigDict(dict(

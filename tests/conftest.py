@@ -31,3 +31,12 @@ def devices8():
   if len(devs) < 8:
     pytest.skip("needs 8 (fake) devices")
   return devs[:8]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+  """`-n N` without `--dist` -> `--dist loadgroup` (files marked `xdist_group` stay on one
+  worker). Here rather than in addopts, which would break `-p no:xdist` runs."""
+  if (config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None)
+      and config.option.dist == "no"):
+    config.option.dist = "loadgroup"
