@@ -44,6 +44,7 @@ STAGES = {
     "flow": "gae_jax.trainers.flow",
     "sample": "gae_jax.trainers.sample",
     "eval": "gae_jax.trainers.evaluate",
+    "demo": "gae_jax.trainers.demo",
 }
 
 

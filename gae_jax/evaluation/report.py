@@ -186,3 +186,136 @@ def write_report(workdir: str, results: dict) -> dict[str, str]:
     f.write("\n".join(md) + "\n")
   files["report"] = path
   return files
+
+
+# ------------------------------------------------------------------------------------------
+# Training curves and labelled image figures (the demo report, gae_jax/trainers/demo.py).
+
+
+def markdown_table(rows: list[dict], keys: list[str]) -> list[str]:
+  """Markdown table lines of `rows` with the columns `keys` present in any row."""
+  return _table(rows, keys)
+
+
+def read_metrics_jsonl(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """A trainer's `metrics.jsonl` (gae_jax/metrics.py MetricWriter) as {key: (steps, values)}.
+
+  A resumed run logs some steps twice: the last value written for a step wins. Steps are
+  sorted ascending. A missing file gives {}; a line that is not JSON raises ValueError
+  naming the file and line.
+  """
+  if not os.path.isfile(path):
+    return {}
+  per_key: dict[str, dict[int, float]] = {}
+  with open(path) as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno} is not a JSON line: {e}") from e
+      step = int(row.pop("step"))
+      for k, v in row.items():
+        if isinstance(v, (int, float)):
+          per_key.setdefault(k, {})[step] = float(v)
+  out = {}
+  for k, d in per_key.items():
+    steps = np.asarray(sorted(d), np.int64)
+    out[k] = (steps, np.asarray([d[s] for s in steps], np.float64))
+  return out
+
+
+def plot_training_curves(path: str, panels: list[dict]) -> str:
+  """One subplot per panel: {"title", "ylabel", "curves": {label: (steps, values)},
+  optional "logy"}; panels without any curve are dropped. Returns `path`."""
+  plt = _plt()
+  panels = [p for p in panels if any(len(s) for s, _ in p["curves"].values())]
+  if not panels:
+    raise ValueError(f"plot_training_curves({path}): no curve has any point")
+  ncols = min(3, len(panels))
+  nrows = -(-len(panels) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.1 * nrows), squeeze=False)
+  for ax in axes.flat[len(panels):]:
+    ax.axis("off")
+  for ax, p in zip(axes.flat, panels):
+    for label, (steps, values) in p["curves"].items():
+      if len(steps):
+        ax.plot(steps, values, "o-" if len(steps) < 20 else "-", ms=3, label=label)
+    if p.get("logy"):
+      ax.set_yscale("log")
+    ax.set_title(p["title"], fontsize=10)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(p.get("ylabel", ""))
+    ax.grid(alpha=0.3)
+    if len(p["curves"]) > 1:
+      ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def _show(ax, image: np.ndarray):
+  x = np.asarray(image)
+  ax.imshow(x if x.dtype == np.uint8 else metrics_lib.to_uint8(x), interpolation="nearest")
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
+def plot_image_rows(path: str, rows: dict[str, np.ndarray], *, title: str = "",
+                    cell: float = 1.4) -> str:
+  """Labelled rows of images: {row label: (N, H, W, 3) uint8 or float [-1, 1]}, every row
+  the same N. Used for input-vs-reconstruction figures. Returns `path`."""
+  plt = _plt()
+  n = {len(v) for v in rows.values()}
+  if len(n) != 1:
+    raise ValueError(f"plot_image_rows({path}): rows have different lengths {sorted(n)}")
+  n = n.pop()
+  fig, axes = plt.subplots(len(rows), n, figsize=(cell * n + 1.2, cell * len(rows) + 0.4),
+                           squeeze=False)
+  for r, (label, images) in enumerate(rows.items()):
+    for c in range(n):
+      _show(axes[r, c], images[c])
+    axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_class_samples(path: str, samples: np.ndarray, class_names: list[str], *,
+                       real: np.ndarray | None = None, title: str = "",
+                       cell: float = 1.1) -> str:
+  """One row per class: an optional real image of the class, then its samples.
+
+  samples: (C, K, H, W, 3) uint8, K samples of each of the C classes (the sample stage's
+  class-uniform order reshaped); real: (C, H, W, 3) or None. Returns `path`.
+  """
+  plt = _plt()
+  samples = np.asarray(samples)
+  if samples.ndim != 5 or samples.shape[0] != len(class_names):
+    raise ValueError(f"plot_class_samples({path}): samples {samples.shape} is not "
+                     f"(C={len(class_names)}, K, H, W, 3)")
+  c, k = samples.shape[:2]
+  off = 0 if real is None else 1
+  fig, axes = plt.subplots(c, k + off, figsize=(cell * (k + off) + 1.6, cell * c + 0.5),
+                           squeeze=False)
+  for i in range(c):
+    if real is not None:
+      _show(axes[i, 0], real[i])
+    for j in range(k):
+      _show(axes[i, j + off], samples[i, j])
+    axes[i, 0].set_ylabel(class_names[i], rotation=0, ha="right", va="center", fontsize=8)
+  if real is not None:
+    axes[0, 0].set_title("real", fontsize=8)
+  for j in range(k):
+    axes[0, j + off].set_title(f"sample {j + 1}", fontsize=8)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
