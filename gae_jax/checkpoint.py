@@ -10,10 +10,17 @@ import os
 from typing import Any, Optional, Sequence
 
 from absl import logging
+from etils import epath
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+def _read_only_options() -> ocp.CheckpointManagerOptions:
+  """Read-only, with the fields orbax would otherwise reset (and warn about) already set."""
+  return ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False,
+                                      cleanup_tmp_directories=False)
 
 
 class Checkpointer:
@@ -45,7 +52,8 @@ class Checkpointer:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
-      logging.info("Saving checkpoint at step %d to %s", step, self.directory)
+      logging.info("checkpoint: saving step %d to %s", step,
+                   os.path.join(self.directory, str(step)))
     return saved
 
   def restore(self, abstract_state: Any, data_iter: Any = None,
@@ -69,7 +77,9 @@ class Checkpointer:
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's "
                        f"train state (changed model or optimizer config?): {e}") from e
-    logging.info("Restored step %d from %s", step, self.directory)
+    logging.info("restored step %d from %s: train state (params, optimizer, EMA)%s", step,
+                 os.path.join(self.directory, str(step)),
+                 " and data iterator position" if data_iter is not None else "")
     return restored["state"]
 
   def _saved_items(self, step: int) -> set:
@@ -85,11 +95,15 @@ class Checkpointer:
 
 
 def metadata_tree(directory: str, step: int, item: str = "state") -> Any:
-  """The saved tree of `item` at `step` with ArrayMetadata leaves (shape, dtype); no data."""
-  with ocp.CheckpointManager(directory, item_names=(item,),
-                             item_handlers={item: ocp.PyTreeCheckpointHandler()},
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-    tree = mngr.item_metadata(step)[item]
+  """The saved tree of `item` at `step` with ArrayMetadata leaves (shape, dtype); no data.
+
+  Read with the item's own handler: a CheckpointManager limited to `item` would warn that
+  the step's other items (the data iterator) "could not be restored", though nothing is.
+  """
+  path = epath.Path(directory) / str(step) / item
+  if not path.is_dir():
+    raise FileNotFoundError(f"checkpoint {directory}/{step} has no {item!r} item")
+  tree = ocp.PyTreeCheckpointHandler().metadata(path)
   return tree.tree if hasattr(tree, "tree") else tree
 
 
@@ -142,7 +156,7 @@ def restore_params(directory: str, step: Optional[int] = None, item: str = "stat
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
   handlers = None if keys is None else {item: ocp.PyTreeCheckpointHandler()}
   with ocp.CheckpointManager(directory, item_names=(item,), item_handlers=handlers,
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+                             options=_read_only_options()) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {directory}")

@@ -137,3 +137,59 @@ def test_unknown_config_key_fails_with_suggestion(tmp_path):
 def test_bad_config_arg_is_named():
   with pytest.raises(ValueError, match="varaint"):
     configs_lib.autoencoder_config("varaint=B", latent_dim=32)
+
+
+# The tiny_config() run through the real entry point (same program: the compile is shared
+# with test_train_resume_and_identical_next_batch through the test compilation cache).
+TINY_CLI = ["--config=configs/gae_l32.py:runlocal,latent_dim=8", "--config.data.image_size=32",
+            "--config.loss.disc_start=0", "--config.total_steps=2", "--config.log_every=1",
+            "--config.image_every=1", "--config.ckpt_every=1"]
+LIBRARY_CHATTER = ("orbax", "Closing", "could not be restored", "Unable to initialize backend",
+                   "examples on process", "CheckpointManager")
+
+
+def test_cli_console_shows_plan_progress_summary_only(tmp_path):
+  """What `python -m gae_jax.main` prints: plan, compiling, one progress line per log step
+  with every loss term (values as in metrics.jsonl, 4 decimals), eval lines and a summary
+  with the output paths; no library INFO. A rerun resumes (data iterator included) without
+  orbax's contradicting "could not be restored" warning; --verbosity shows library logs."""
+  workdir = tmp_path / "run"
+  r = _main([*TINY_CLI, f"--workdir={workdir}"], tmp_path)
+  out = r.stdout + r.stderr
+  assert r.returncode == 0, out[-3000:]
+  lines = out.splitlines()
+  for bad in LIBRARY_CHATTER:
+    assert not [l for l in lines if bad in l], (bad, out)
+  assert any(l.endswith("plan: mesh data=8 fsdp=1 tensor=1 on 8 cpu devices, global batch 8 "
+                        "of 32x32 images (embedded); steps 0 -> 2") for l in lines), out
+  assert any("compiling train_step ..." in l for l in lines), out
+  assert any(" train_step ready in " in l for l in lines), out
+  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  train_rows = [row for row in rows if "loss" in row]
+  assert [row["step"] for row in train_rows] == [1, 2]
+  for row in train_rows:
+    progress = [l for l in lines if f" step {row['step']}/2 " in l]
+    assert len(progress) == 1, out
+    terms = [k for k in row if k.endswith("loss") or k in ("nll", "l1", "lpips")]
+    assert {"loss", "nll", "l1", "lpips", "g_loss", "d_loss"} <= set(terms)
+    for k in terms:
+      assert f" {k} {row[k]:.4f}" in progress[0] or f" {k} {row[k]:.3f}" in progress[0], (
+          k, progress[0])
+    assert "img/s" in progress[0] and "ETA" in progress[0]
+  assert sum("eval step" in l and "val psnr" in l for l in lines) == 2, out
+  assert any("done: steps 0 -> 2" in l for l in lines), out
+  summary = out[out.index("done: steps"):]
+  assert f"checkpoints: {workdir}/checkpoints (steps 1, 2)" in summary
+  assert f"{workdir}/images/recon_0000002.png" in summary
+  assert f"{workdir}/metrics.jsonl" in summary
+  assert f"tensorboard --logdir {workdir}/tb" in summary
+  assert len(lines) < 25, out          # one screen
+
+  # Rerun, verbose: orbax's own lines appear, the restore is ours and nothing contradicts it.
+  r = _main([*TINY_CLI, f"--workdir={workdir}", "--verbosity=0"], tmp_path)
+  out = r.stdout + r.stderr
+  assert r.returncode == 0, out[-3000:]
+  assert "CheckpointManager" in out                  # library INFO shown on request
+  assert "could not be restored" not in out, out
+  assert "restored step 2 from" in out and "and data iterator position" in out, out
+  assert "nothing to do" in out, out

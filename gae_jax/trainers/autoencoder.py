@@ -516,17 +516,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     originals = metrics_lib.to_uint8(common.to_host_images(eval_batch["image"]))
     recons = metrics_lib.to_uint8(common.to_host_images(x_hat))
     pairs = np.stack([originals, recons], 1).reshape(-1, *originals.shape[1:])
+    png = os.path.join(workdir, "images", f"recon_{step:07d}.png")
     if jax.process_index() == 0:
       grid = metrics_lib.image_grid(pairs, ncols=8)
-      metrics_lib.save_png(os.path.join(workdir, "images", f"recon_{step:07d}.png"), grid)
+      metrics_lib.save_png(png, grid)
       writer.write_images(step, {"reconstructions": grid})
-    logging.info("step %d  val psnr %.2f  val lpips %.4f", step, em["val/psnr"],
-                 em["val/lpips"])
+    logging.info("eval step %d: val psnr %.2f dB  l1 %.4f  lpips %.4f on %d images; "
+                 "original|reconstruction pairs in %s", step, em["val/psnr"], em["val/l1"],
+                 em["val/lpips"], len(originals), png)
     return em
 
   return common.run_loop(
       config, workdir, state=state, step_fn=lambda st, b: compiled(st, b, frozen),
       train_iter=train_iter, data_sharding=s.data_sharding, ckpt=ckpt,
-      log_keys=(("loss", ".4f"), ("l1", ".4f"), ("lpips", ".4f"), ("psnr", ".2f"),
-                ("d_loss", ".3f")),
-      periodic=((config.image_every, evaluate),))
+      log_keys=log_keys(config), periodic=((config.image_every, evaluate),))
+
+
+def log_keys(config) -> tuple[tuple[str, str], ...]:
+  """The progress line's (metric, format): every loss term of the step, then train PSNR.
+
+  rec (= l1_weight * l1 + lpips_weight * lpips) is left to metrics.jsonl; sp only with a
+  teacher / VFM, kl only for the KL-VAE.
+  """
+  keys = [("loss", ".4f"), ("nll", ".4f"), ("l1", ".4f"), ("lpips", ".4f"),
+          ("g_loss", ".3f"), ("d_loss", ".3f")]
+  if semantic_spec(config) is not None:
+    keys.append(("sp", ".4f"))
+  if config.model.kl:
+    keys.append(("kl", ".4f"))
+  return tuple(keys) + (("psnr", ".2f"),)

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from gae_jax import checkpoint as ckpt_lib
+from gae_jax import console
 from gae_jax import metrics as metrics_lib
 from gae_jax import sharding as sharding_lib
 
@@ -114,24 +115,30 @@ def abstract_with_shardings(abstract, shardings):
 
 def compile_step(step_fn, state_shardings, in_shardings_rest, out_metrics_sharding,
                  abstract_args, mesh, donate: bool = True, name: str = "train_step"):
-  """AOT: jit with shardings (+ donation of the state), lower, compile; logs memory use."""
+  """AOT: jit with shardings (+ donation of the state), lower, compile.
+
+  Logs 'compiling <name> ...' and then the time it took (or that it came from the
+  persistent compilation cache) with the program's memory use per device.
+  """
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, *in_shardings_rest),
                    out_shardings=(state_shardings, out_metrics_sharding),
                    donate_argnums=(0,) if donate else ())
-  with jax.set_mesh(mesh):
+  with console.compiling(name) as info, jax.set_mesh(mesh):
     compiled = jitted.lower(*abstract_args).compile()
-  try:
-    mem = compiled.memory_analysis()
-    if mem is not None:
-      logging.info("%s memory: args %.1f MiB, temps %.1f MiB, outputs %.1f MiB", name,
-                   mem.argument_size_in_bytes / 2**20, mem.temp_size_in_bytes / 2**20,
-                   mem.output_size_in_bytes / 2**20)
-  except Exception:  # memory_analysis is unsupported on some backends
-    pass
+    try:
+      mem = compiled.memory_analysis()
+      if mem is not None:
+        info["detail"] = (f"per device: args {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
+                          f"temps {mem.temp_size_in_bytes / 2**20:.1f} MiB, "
+                          f"outputs {mem.output_size_in_bytes / 2**20:.1f} MiB")
+    except Exception:  # memory_analysis is unsupported on some backends
+      pass
   return compiled
 
 
 def write_config(config, workdir: str):
+  """<workdir>/config.json; also starts the run's console record (plan, summary)."""
+  console.begin_run(config, workdir)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -195,18 +202,27 @@ def restore_or_init(ckpt, abstract_state, train_iter, init_fn: Callable[[], Any]
                     total_steps: int):
   """The latest checkpoint (state + data iterator) or `init_fn()`; None when already done.
 
-  Closes `ckpt` in the None case (the run has nothing left to do).
+  Logs the run's plan first (module sizes, mesh, batch, steps, outputs). Closes `ckpt` in
+  the None case (the run has nothing left to do).
   """
-  if ckpt.latest_step() is not None:
+  latest = ckpt.latest_step()
+  mesh = next(l.sharding.mesh for l in jax.tree.leaves(abstract_state)
+              if hasattr(getattr(l, "sharding", None), "mesh"))
+  console.log_plan(params=abstract_state.params, mesh=mesh, total_steps=total_steps,
+                   start_step=latest or 0)
+  if latest is not None:
     state = ckpt.restore(abstract_state, train_iter)
-    logging.info("Resuming at step %d (optimizer, EMA and data state restored)",
-                 int(state.step))
   else:
-    state = init_fn()
+    with console.compiling("init", starting="initialising the train state",
+                           done="train state initialised"):
+      state = jax.block_until_ready(init_fn())
   if int(state.step) >= total_steps:
-    logging.info("Checkpoint step %d already reaches total_steps=%d: nothing to do",
-                 int(state.step), total_steps)
+    logging.info("checkpoint step %d already reaches total_steps=%d: nothing to do "
+                 "(raise --config.total_steps to train on)", int(state.step), total_steps)
+    steps = ckpt.all_steps()
     ckpt.close()
+    console.log_summary(step=int(state.step), start_step=int(state.step), metrics={},
+                        checkpoint_dir=ckpt.directory, checkpoint_steps=steps)
     return None
   return state
 
@@ -228,10 +244,8 @@ def run_loop(config, workdir: str, *, state, step_fn: Callable[[Any, dict], tupl
   start = int(state.step)
   progress = metrics_lib.Progress(total, config.batch_size, start)
   mesh = data_sharding.mesh
-  logging.info("%sTraining from step %d to %d (global batch %d, mesh %s)",
-               f"{banner}: " if banner else "", start, total, config.batch_size,
-               dict(mesh.shape))
-  fmt = "  ".join(f"{k} %{f}" for k, f in log_keys)
+  if banner:
+    logging.info("training %s", banner)
   last = {}
   for step in range(start + 1, total + 1):
     batch = sharding_lib.to_global(next(train_iter), data_sharding)
@@ -241,15 +255,16 @@ def run_loop(config, workdir: str, *, state, step_fn: Callable[[Any, dict], tupl
       metrics_lib.check_finite(step, last)
       last.update(progress(step))
       writer.write_scalars(step, last)
-      logging.info("step %d/%d  " + fmt + "  %.2f steps/s  %.1f img/s  ETA %s", step, total,
-                   *(last[k] for k, _ in log_keys), last.get("steps_per_sec", 0),
-                   last.get("images_per_sec", 0),
-                   metrics_lib.format_eta(last.get("eta_min", float("nan"))))
+      logging.info("%s", console.progress_line(step, total, last, log_keys))
     for every, fn in periodic:
       if every and (step % every == 0 or step == total):
         with jax.set_mesh(mesh):
           last.update(fn(step, state, writer) or {})
     ckpt.save(step, state, train_iter, force=step == total)
+  ckpt.wait()
+  saved = ckpt.all_steps()
   ckpt.close()
   writer.close()
+  console.log_summary(step=total, start_step=start, metrics=last, keys=log_keys,
+                      checkpoint_dir=ckpt.directory, checkpoint_steps=saved)
   return last
