@@ -38,7 +38,7 @@ import json
 import logging as py_logging
 import os
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from absl import logging
 import jax
@@ -286,10 +286,17 @@ def plan(config) -> dict:
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the unfinished stages in order, then writes report.md; returns
-  {"stages": {key: {"status": "ran"|"reused", "seconds", "subdir"}}, "report": path,
-   "seconds": this call's wall time}."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       echo: Optional[Callable[[str], None]] = None) -> dict:
+  """Runs the unfinished stages in order, then writes report.md (kept as it is when every
+  stage was reused and it exists); returns {"stages": {key: {"status": "ran"|"reused",
+  "seconds", "subdir"}}, "report": path, "seconds": this call's wall time}.
+
+  echo: also called with one line per stage start / end (notebooks pass `print`).
+  Raises StaleStageError when a finished training / cache stage was built from upstream
+  outputs that changed since (the message names the directory to delete).
+  """
+  say = echo or (lambda line: None)
   workdir = os.path.abspath(workdir)
   common.write_config(config, workdir)
   cfgs = stage_configs(config, workdir)
@@ -308,6 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if (marker is not None and sig is not None and marker.get("config") == fp
           and marker.get("inputs") == inputs):
         logging.info("done (%s, %.0fs when it ran): skipping %s", sig, marker["seconds"], d)
+        say(f"[{tag}] done earlier ({_elapsed(marker['seconds'])}): reusing {d}")
         sigs[s.key] = sig
         statuses[s.key] = {"status": "reused", "seconds": marker["seconds"],
                            "subdir": s.subdir}
@@ -319,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"{tag}: {d} was built from older outputs of {', '.join(changed)}; delete {d} "
             f"(and the later stages' directories) to rebuild it, or use a new --workdir")
       logging.info("running %s -> %s", s.trainer, d)
+      say(f"[{tag}] running {s.trainer} -> {d}")
       start = time.perf_counter()
       importlib.import_module(s.trainer).train_and_evaluate(cfg, d)
       seconds = time.perf_counter() - start
@@ -330,15 +339,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           "stage": s.key, "config": fp, "inputs": inputs, "outputs": sig,
           "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
       logging.info("finished in %s", _elapsed(seconds))
+      say(f"[{tag}] finished in {_elapsed(seconds)}")
     sigs[s.key] = sig
     statuses[s.key] = {"status": "ran", "seconds": round(seconds, 2), "subdir": s.subdir}
-  with log_prefix("report", t0):
-    files = write_report(config, workdir, cfgs, statuses)
-    logging.info("wrote %s (%d figures)", files["report"], len(files) - 1)
+  ran = sum(v["status"] == "ran" for v in statuses.values())
+  report = os.path.join(workdir, "report.md")
+  if ran or not os.path.isfile(report):
+    with log_prefix("report", t0):
+      files = write_report(config, workdir, cfgs, statuses)
+      logging.info("wrote %s (%d figures)", files["report"], len(files) - 1)
+  else:
+    files = {"report": report}
   total = time.perf_counter() - t0
-  logging.info("demo: %d of %d stages ran, %s in all; read %s", sum(
-      v["status"] == "ran" for v in statuses.values()), n, _elapsed(total), files["report"])
-  return {"stages": statuses, "report": files["report"], "files": files, "seconds": total}
+  logging.info("demo: %d of %d stages ran, %s in all; read %s", ran, n, _elapsed(total),
+               report)
+  say(f"demo: {ran} of {n} stages ran ({_elapsed(total)}); report: {report}")
+  return {"stages": statuses, "report": report, "files": files, "seconds": total}
+
+
+def run(workdir: str, arg: Optional[str] = "tiny", *,
+        echo: Optional[Callable[[str], None]] = print) -> dict:
+  """The demo from Python (notebooks): `train_and_evaluate(demo_config(arg), workdir)`,
+  printing one line per stage. arg: 'tiny' or '' / None (the full CPU demo)."""
+  return train_and_evaluate(demo_config(arg or None), workdir, echo=echo)
 
 
 # ------------------------------------------------------------------------------------------
