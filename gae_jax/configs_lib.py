@@ -210,7 +210,8 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
   c.model = ml_collections.ConfigDict(dict(
       variant=a.variant, decoder_variant=a.variant, patch_size=16, latent_dim=a.latent_dim,
       sigma_std=a.sigma_std, kl=a.kl, qk_norm="rms", attention_impl=None,
-      remat="none", scan=False))
+      remat="none", scan=False,
+      init="torch"))     # the released modules' init; "flax": earlier (layers.INITS)
   c.loss = ml_collections.ConfigDict(dict(
       l1_weight=1.0, lpips_weight=1.0, logvar_init=0.0,
       disc_weight=0.5, disc_start=5001, adaptive_disc_weight=False, disc_loss="hinge",

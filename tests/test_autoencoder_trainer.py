@@ -47,6 +47,10 @@ def test_sharded_step_equals_single_device(devices8):
   # no warm-up, so the generator moves on this step too.
   for opt in (config.optim, config.disc_optim):
     opt.eps, opt.warmup_steps = 1e-3, 0
+  # At the default (torch) init this tiny step is ill-conditioned in the LPIPS + sigma-noise
+  # path: losses agree to 1e-7 but gradients only to ~2e-4 (either term alone, or the xavier
+  # init, agrees to 1e-7), so the layout comparison uses the better-conditioned xavier init.
+  config.model.init = "flax"
   config.mesh = configs_lib.mesh_config(data=4, fsdp=2)
   config.param_sharding = "fsdp"
   results = []

@@ -45,16 +45,18 @@ class GAE(nn.Module):
   scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  init_scheme: str = "torch"   # config.model.init: "torch" (released) | "flax"; layers.INITS
 
   def setup(self):
     common = dict(qk_norm=self.qk_norm, attention_impl=self.attention_impl, remat=self.remat,
                   scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
-                  patch_size=self.patch_size)
+                  patch_size=self.patch_size, init_scheme=self.init_scheme)
     self.encoder = vit.ViTEncoder(width=self.width, depth=self.depth,
                                   num_heads=self.num_heads, **common)
     self.projector = nn.Dense(
         self.latent_dim * (2 if self.kl else 1), use_bias=False, dtype=jnp.float32,
-        param_dtype=self.param_dtype, kernel_init=layers.dense_init(("embed", "latent")))
+        param_dtype=self.param_dtype,
+        kernel_init=layers.dense_init(("embed", "latent"), layers.linear_init(self.init_scheme)))
     self.decoder = vit.ViTDecoder(
         width=self.decoder_width or self.width, depth=self.decoder_depth or self.depth,
         num_heads=self.decoder_num_heads or self.num_heads, **common)
@@ -112,4 +114,5 @@ def make_gae(model_config, dtype=jnp.float32, param_dtype=jnp.float32) -> GAE:
              decoder_num_heads=dec["num_heads"], patch_size=c.patch_size,
              latent_dim=c.latent_dim, sigma_std=c.sigma_std, kl=c.kl, qk_norm=c.qk_norm,
              attention_impl=c.get("attention_impl"), remat=c.get("remat", "none"),
-             scan=c.get("scan", False), dtype=dtype, param_dtype=param_dtype)
+             scan=c.get("scan", False), dtype=dtype, param_dtype=param_dtype,
+             init_scheme=c.get("init", "torch"))

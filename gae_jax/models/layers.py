@@ -27,6 +27,51 @@ def dense_init(names, init: Initializer = nn.initializers.xavier_uniform()):
   return nn.with_logical_partitioning(init, names)
 
 
+# Parameter initialisation schemes of the GAE ViTs (`config.model.init`, docs/fidelity.md):
+#   "torch" what the released PyTorch modules hold after construction (sii-research/GAE
+#           tokenizer/utils/decoder.py ViTEncoder / ViTDecoder, encoder/adapter.py): every
+#           nn.Linear keeps torch's default kaiming_uniform(a=sqrt(5)), i.e. U(+-1/sqrt(fan_in));
+#           the patch Conv2d is re-initialised by the modules' `_init_weights` with
+#           kaiming_normal(mode='fan_out', nonlinearity='relu'); pos_embed gets
+#           torch trunc_normal_(std=0.02), whose cut-off is at +-2 absolute (+-100 std).
+#   "flax"  this project's earlier scheme: xavier_uniform kernels, lecun_normal patch conv,
+#           flax truncated_normal(0.02) (cut at +-2 std) position table.
+INITS = ("torch", "flax")
+
+
+def check_init(init: str) -> str:
+  if init not in INITS:
+    raise ValueError(f"unknown init {init!r} (config.model.init): use one of {INITS}")
+  return init
+
+
+def torch_linear_init() -> Initializer:
+  """torch.nn.Linear / Conv2d default weight init, kaiming_uniform(a=sqrt(5)).
+
+  gain sqrt(2 / (1 + 5)) times sqrt(3 / fan_in) gives U(-1/sqrt(fan_in), 1/sqrt(fan_in)):
+  variance 1 / (3 fan_in). fan_in is the kernel's input size (Dense: shape[0]; Conv:
+  k*k*in_channels, as torch's in_ch*k*k).
+  """
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def linear_init(init: str) -> Initializer:
+  """The kernel init of every Linear of a GAE ViT under scheme `init` (see INITS)."""
+  return torch_linear_init() if check_init(init) == "torch" else nn.initializers.xavier_uniform()
+
+
+def pos_embed_init(init: str, stddev: float = 0.02) -> Initializer:
+  """Learned position table: torch trunc_normal_(std) cuts at +-2 absolute (~untruncated)."""
+  if check_init(init) == "flax":
+    return nn.initializers.truncated_normal(stddev)
+
+  def f(key, shape, dtype=jnp.float32):
+    bound = 2.0 / stddev
+    return (jax.random.truncated_normal(key, -bound, bound, shape, jnp.float32)
+            * stddev).astype(dtype)
+  return f
+
+
 def constrain(x: jax.Array, names=ACT_AXES) -> jax.Array:
   """Logical sharding constraint; a no-op outside a mesh / rules context."""
   return nn.with_logical_constraint(x, names)
@@ -170,13 +215,17 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm block: x + attn(RMSNorm(x)); x + mlp(RMSNorm(x)) (parameter-free norms)."""
+  """Pre-norm block: x + attn(RMSNorm(x)); x + mlp(RMSNorm(x)) (parameter-free norms).
+
+  kernel_init: of every Linear in the block (see `linear_init`).
+  """
   num_heads: int
   mlp_hidden: int
   qk_norm: Optional[str] = "rms"
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
 
   @nn.compact
   def __call__(self, x: jax.Array, _=None):
@@ -184,10 +233,11 @@ class Block(nn.Module):
     h = RMSNorm(dtype=self.dtype, name="norm1")(x)
     x = x + Attention(self.num_heads, qk_norm=self.qk_norm,
                       attention_impl=self.attention_impl, dtype=self.dtype,
-                      param_dtype=self.param_dtype, name="attn")(h)
+                      param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                      name="attn")(h)
     h = RMSNorm(dtype=self.dtype, name="norm2")(x)
     x = x + SwiGLU(self.mlp_hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-                   name="mlp")(h)
+                   kernel_init=self.kernel_init, name="mlp")(h)
     return constrain(x), None
 
 
@@ -214,6 +264,7 @@ class Transformer(nn.Module):
   scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -225,7 +276,7 @@ class Transformer(nn.Module):
       block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
     kw = dict(num_heads=self.num_heads, mlp_hidden=self.mlp_hidden, qk_norm=self.qk_norm,
               attention_impl=self.attention_impl, dtype=self.dtype,
-              param_dtype=self.param_dtype)
+              param_dtype=self.param_dtype, kernel_init=self.kernel_init)
     if self.scan:
       stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       length=self.depth, metadata_params={nn.PARTITION_NAME: "layers"})
