@@ -42,7 +42,7 @@ VARIANTS = {
     "no_sp": ("runlocal,sigma_std=0.2", 0.0, "latent norm, lambda_sp=0, sigma_std=0.2"),
     "sigma0": ("runlocal,sigma_std=0.0", 1.0, "lambda_sp=1, sigma_std=0"),
     "sigma0.5": ("runlocal,sigma_std=0.5", 1.0, "lambda_sp=1, sigma_std=0.5"),
-    "kl": ("runlocal,kl", 0.0, "KL-VAE (kl_weight=0.1), lambda_sp=0"),
+    "kl": ("runlocal,kl", 0.0, "KL-VAE (kl_weight=0.1 per-element mean), lambda_sp=0"),
 }
 SP_VARIANTS = ("no_sp", "gae")
 SIGMA_VARIANTS = ("sigma0", "gae", "sigma0.5")
@@ -371,10 +371,30 @@ def _verdict(ok: bool) -> str:
   return "**reproduced**" if ok else "**not reproduced** at this scale"
 
 
+SUMMARY = (("PSNR", 2, lambda r: _robust(r, "psnr")[1][0]),
+           ("LPIPS", 3, lambda r: _robust(r, "lpips")[1][0]),
+           ("rFID (64)", 1, lambda r: _robust(r, "rfid")[1][0]),
+           ("probe top-1 (flatten)", 3, lambda r: _probe(r, "flatten")),
+           ("token norm / sqrt(d)", 3, lambda r: r["stats"]["token_rms_mean"]),
+           ("gFID (176)", 1, lambda r: r["generation"]["fid"]))
+
+
+def _summary(rs: list[dict]) -> dict:
+  """{metric: per-seed values} of one variant's stored records (the re-run comparison)."""
+  out = {}
+  for name, _, fn in SUMMARY:
+    try:
+      out[name] = [float(fn(r)) for r in rs]
+    except (KeyError, TypeError):
+      pass
+  return out
+
+
 def write_doc(results: dict, floor: dict, figs: dict, doc: str, fig_rel: str, seeds: list[int],
-              provenance: dict, ae: dict) -> None:
+              provenance: dict, ae: dict, kl_ae: dict, previous: dict) -> None:
   """results: {variant: [per-seed slim record]}; floor: the `generation` dict of the floor;
-  provenance: {variant: {commit, date, note, minutes}}; ae: the frozen `gae` config (flat)."""
+  provenance: {variant: {commit, date, note, minutes}}; ae / kl_ae: the frozen `gae` / `kl`
+  configs (flat); previous: {variant: {provenance, summary}} of re-run variants."""
   n_seeds = len(seeds)
   sd_note = (f"mean ± standard deviation over {n_seeds} seeds ({', '.join(map(str, seeds))})"
              if n_seeds > 1 else f"one seed ({seeds[0]})")
@@ -510,7 +530,8 @@ def write_doc(results: dict, floor: dict, figs: dict, doc: str, fig_rel: str, se
       "Both without L_sp, as in the paper. gFID: a tiny LightningDiT (`configs/"
       "dit_xl_gae32_800ep.py:runlocal`, flow matching on each autoencoder's latent cache, "
       "per-channel normalised as the release does) sampled with the SDE sampler (250 steps, "
-      "no CFG), 176 class-balanced samples against 176 train crops "
+      "no CFG, the released last step: drift at t = 0.996 and a step of 0.004, "
+      "gae_jax/flow/samplers.py), 176 class-balanced samples against 176 train crops "
       "(`configs/eval_generation.py:runlocal,dit=...`). Real val crops against the same "
       f"reference give FID {floor['fid']:.1f}: the floor at this sample size.",
       "",
@@ -519,13 +540,15 @@ def write_doc(results: dict, floor: dict, figs: dict, doc: str, fig_rel: str, se
       "|---|---|---|---|---|---|---|---|---|",
   ]
   gfid = {}
+  kl_label = (f"KL (weight {kl_ae['loss.kl_weight']:g}, "
+              f"{kl_ae.get('loss.kl_reduction', 'sum')} reduction)")
   for n in NORM_VARIANTS:
     st = [r["stats"] for r in results[n]]
     gfid[n] = _per_seed(results, n, lambda r: r["generation"]["fid"])
     prec = _per_seed(results, n, lambda r: r["generation"]["precision"])
     recl = _per_seed(results, n, lambda r: r["generation"]["recall"])
     lines.append(
-        f"| {'latent norm (RMSNorm)' if n == 'no_sp' else 'KL (weight 0.1)'} | "
+        f"| {'latent norm (RMSNorm)' if n == 'no_sp' else kl_label} | "
         f"{_fmt(_per_seed(results, n, lambda r: _robust(r, 'rfid')[1][0]), 1)} | "
         f"{_fmt(_per_seed(results, n, lambda r: _robust(r, 'psnr')[1][0]), 2)} | "
         f"{_fmt(gfid[n], 1)} | {_fmt(prec, 2)} | {_fmt(recl, 2)} | "
@@ -554,6 +577,25 @@ def write_doc(results: dict, floor: dict, figs: dict, doc: str, fig_rel: str, se
       "",
       f"![token norms]({fig_rel}/{figs['norm']})",
       "",
+  ]
+  if previous:
+    lines += [
+        "## Re-run variants: earlier vs now",
+        "",
+        "The variants re-run since the first run (see the table at the top for why), with "
+        "their earlier numbers (same seeds, same frozen configs otherwise):",
+        "",
+        "| variant | metric | earlier | now |",
+        "|---|---|---|---|",
+    ]
+    for n, prev in previous.items():
+      now = _summary(results[n])
+      for metric, digits, _ in SUMMARY:
+        if metric in prev["summary"] and metric in now:
+          lines.append(f"| `{n}` | {metric} | {_fmt(prev['summary'][metric], digits)} "
+                       f"({prev['provenance']['commit'][:7]}) | {_fmt(now[metric], digits)} |")
+    lines.append("")
+  lines += [
       "## Caveats",
       "",
       "- Tiny models, 11 source photos and a few hundred steps: differences of a few points "
@@ -657,6 +699,7 @@ def main():
       stored = json.load(f)
   results = {n: stored.get("results", {}).get(n) for n in VARIANTS}
   provenance = {n: stored.get("provenance", {}).get(n, LEGACY_PROVENANCE) for n in VARIANTS}
+  previous = dict(stored.get("previous", {}))
   missing = [n for n in VARIANTS if n not in todo and not results[n]]
   if missing:
     raise SystemExit(f"no stored results for {missing} in {metrics_path}; run them too")
@@ -678,6 +721,8 @@ def main():
       rs.append(_slim(r) if not a.train_only else r)
     if a.train_only:
       continue
+    if results[name] and provenance[name]["commit"] != commit:
+      previous[name] = dict(provenance=provenance[name], summary=_summary(results[name]))
     results[name] = rs
     provenance[name] = dict(
         commit=commit, date=datetime.date.today().isoformat(), jax=_jax_version(),
@@ -696,9 +741,11 @@ def main():
   figs = write_figures(results, fig_dir)
   with open(metrics_path, "w") as f:
     json.dump(dict(seeds=seeds, variants={n: VARIANTS[n][2] for n in VARIANTS},
-                   results=results, floor=floor, provenance=provenance), f, indent=1)
+                   results=results, floor=floor, provenance=provenance,
+                   previous=previous), f, indent=1)
   ae = PINNING["snapshot"][f"configs/gae_l32.py:{VARIANTS['gae'][0]}"]
-  write_doc(results, floor, figs, a.doc, fig_rel, seeds, provenance, ae)
+  kl_ae = PINNING["snapshot"][f"configs/gae_l32.py:{VARIANTS['kl'][0]}"]
+  write_doc(results, floor, figs, a.doc, fig_rel, seeds, provenance, ae, kl_ae, previous)
   print(f"wrote {a.doc} and {fig_dir}/ in {(time.time() - t0) / 60:.1f} min")
 
 
