@@ -80,7 +80,7 @@ def constrain(x: jax.Array, names=ACT_AXES) -> jax.Array:
 def swiglu_hidden(width: int, mlp_ratio: float = 4.0, multiple_of: int = 256) -> int:
   """Hidden width of the released SwiGLU: multiple_of * ceil(width * ratio * 2/3 / multiple_of).
 
-  1024 -> 2816, 768 -> 2048, 384 -> 1024 (SPEC stage 2).
+  1024 -> 2816, 768 -> 2048, 384 -> 1024 (docs/method.md, stage 2).
   """
   return multiple_of * math.ceil(width * mlp_ratio * 2 / 3 / multiple_of)
 

@@ -1,4 +1,4 @@
-"""The GAE pixel encoder E_p and decoder D_p (SPEC stage 2, released layout).
+"""The GAE pixel encoder E_p and decoder D_p (docs/method.md, stage 2; released layout).
 
 Encoder: patch conv (no bias) -> learned pos-embed -> blocks -> RMSNorm -> Linear(width, width).
 Decoder: Linear(d, width) -> pos-embed -> blocks -> RMSNorm -> Linear(width, p*p*3) ->
