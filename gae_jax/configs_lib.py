@@ -186,6 +186,11 @@ def common_config(stage: str) -> ml_collections.ConfigDict:
   c.keep_ckpts = 3
   c.compute_dtype = "bfloat16"   # "float32" forced on CPU unless compute_dtype_cpu is set
   c.param_dtype = "float32"
+  # Frozen networks (LPIPS VGG, the VFM, the stage-1 teacher): None computes them in the
+  # compute dtype with float32 weights; "bfloat16" / "float32" sets their compute dtype and
+  # stores their weights in it (trainers/common.py frozen_dtype).
+  c.frozen_dtype = ml_collections.FieldReference(None, field_type=str)
+  c.donate = True                # donate the train state to the jitted step (in-place update)
   c.mesh = mesh_config()
   c.sharding_rules = [list(r) for r in DEFAULT_SHARDING_RULES]
   c.param_sharding = "logical"   # "logical" (axis rules) or "fsdp" (largest divisible dim)

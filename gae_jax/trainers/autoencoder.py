@@ -35,7 +35,7 @@ def build_models(config):
   model = gae_lib.make_gae(config.model, dtype=dtype, param_dtype=param_dtype)
   disc = disc_lib.NLayerDiscriminator(n_layers=config.loss.disc_layers,
                                       ndf=config.loss.disc_ndf)
-  lpips = vgg.LPIPS(dtype=dtype)
+  lpips = vgg.LPIPS(dtype=common.frozen_dtype(config))
   return model, disc, lpips
 
 
@@ -141,7 +141,7 @@ def semantic_spec(config):
     raise ValueError("config.loss.sp_align='latent' needs config.teacher.init_from (a stage-1 "
                      "teacher workdir or the authors' latest.pth)")
   spec = _semantic_spec(align, init_from, vfm, t.get("vfm_weights"),
-                        int(t.get("vfm_image_size") or 0), str(common.compute_dtype(config)))
+                        int(t.get("vfm_image_size") or 0), str(common.frozen_dtype(config)))
   grid = config.data.image_size // config.model.patch_size
   if spec.backend.grid != grid:
     raise ValueError(f"L_sp: the VFM {spec.backend.name} gives a {spec.backend.grid}x"
@@ -340,7 +340,7 @@ def load_frozen(config, mesh) -> dict:
   spec = semantic_spec(config)
   if spec is not None:
     frozen["teacher"] = _load_semantic(config, spec)
-  return jax.device_put(frozen, sharding_lib.replicated(mesh))
+  return jax.device_put(common.frozen_storage(config, frozen), sharding_lib.replicated(mesh))
 
 
 def _load_semantic(config, spec: SemanticSpec) -> FrozenSemantic:
@@ -380,7 +380,8 @@ class Setup:
       return jax.jit(lambda: nn.meta.unbox(self.init_fn()),
                      out_shardings=self.state_shardings)()
 
-  def compile_train_step(self, frozen):
+  def compile_train_step(self, frozen, donate: bool | None = None):
+    """AOT-compiled train_step; donate (the state) defaults to config.donate."""
     step = functools.partial(train_step, model=self.model, disc=self.disc, lpips=self.lpips,
                              config=self.config)
     size = self.config.data.image_size
@@ -394,7 +395,7 @@ class Setup:
     return common.compile_step(
         step, self.state_shardings, (self.data_sharding, frozen_sh),
         sharding_lib.replicated(self.mesh), (self.abstract_state, batch, frozen_abs),
-        self.mesh)
+        self.mesh, donate=self.config.get("donate", True) if donate is None else donate)
 
   def eval_fn(self):
     return jax.jit(functools.partial(eval_step, model=self.model, lpips=self.lpips))

@@ -41,6 +41,15 @@ def encode_pair(params, images, *, model, dtype) -> tuple[jax.Array, jax.Array]:
   return mu, mu_flip
 
 
+def make_encode_fn(model, dtype, mesh: jax.sharding.Mesh):
+  """`encode_pair` jitted over `mesh`: params replicated, images and both latent outputs
+  split over the mesh's 'data' axis (the stage's one-process mesh)."""
+  data_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(functools.partial(encode_pair, model=model, dtype=dtype),
+                 in_shardings=(rep, data_sh), out_shardings=(data_sh, data_sh))
+
+
 def _data_config(config, gae_image_size: int) -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict(config.data.to_dict())
   if not data.image_size:
@@ -113,8 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"multiple of the {mesh.size} local devices")
   params = jax.device_put(gae.params, rep)
   dtype = jnp.dtype(config.cache.dtype)
-  encode = jax.jit(functools.partial(encode_pair, model=gae.model, dtype=dtype),
-                   in_shardings=(rep, data_sh), out_shardings=(data_sh, data_sh))
+  encode = make_encode_fn(gae.model, dtype, mesh)
   size = int(data.image_size)
   shard_size = settings["shard_size"]
   logging.info("cache_latents: process %d/%d, %d of %d examples, %d shards of %d (%d done), "

@@ -82,6 +82,23 @@ def compute_dtype(config) -> jnp.dtype:
   return jnp.dtype(name)
 
 
+def frozen_dtype(config) -> jnp.dtype:
+  """Compute dtype of the frozen networks (LPIPS VGG, VFM, teacher): `config.frozen_dtype`,
+  or the compute dtype when it is None (or absent)."""
+  name = config.get("frozen_dtype")
+  return jnp.dtype(name) if name else compute_dtype(config)
+
+
+def frozen_storage(config, tree):
+  """Frozen weights as the step receives them: float leaves cast to `config.frozen_dtype`
+  when it is set (bfloat16 halves their memory and reads); unchanged when it is None."""
+  if not config.get("frozen_dtype"):
+    return tree
+  dtype = jnp.dtype(config.frozen_dtype)
+  return jax.tree.map(lambda a: np.asarray(a).astype(dtype)
+                      if np.issubdtype(np.asarray(a).dtype, np.floating) else a, tree)
+
+
 def rng_from_seed(seed: int) -> jax.Array:
   return jax.random.key_data(jax.random.key(seed))
 

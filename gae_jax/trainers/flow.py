@@ -132,7 +132,8 @@ class Setup:
     return jax.device_put({"mean": jnp.asarray(mean), "std": jnp.asarray(std)},
                           self.replicated)
 
-  def compile_train_step(self):
+  def compile_train_step(self, donate: Optional[bool] = None):
+    """AOT-compiled train_step; donate (the state) defaults to config.donate."""
     step = functools.partial(train_step, model=self.model, config=self.config)
     b, d = self.config.batch_size, self.config.model.latent_dim
     batch = {"latent": jax.ShapeDtypeStruct((b, *latent_shape(self.config)), jnp.float32,
@@ -142,7 +143,8 @@ class Setup:
              for k in ("mean", "std")}
     return common.compile_step(
         step, self.state_shardings, (self.data_sharding, self.replicated), self.replicated,
-        (self.abstract_state, batch, stats), self.mesh)
+        (self.abstract_state, batch, stats), self.mesh,
+        donate=self.config.get("donate", True) if donate is None else donate)
 
   def train_iterator(self):
     c = self.config

@@ -51,7 +51,7 @@ def build_backend(config, *, abstract: bool = False) -> tuple[vfm_lib.VFMBackend
   weights file is at hand.
   """
   t = config.teacher
-  dtype = common.compute_dtype(config)
+  dtype = common.frozen_dtype(config)
   size = int(t.vfm_image_size) or None
   if t.vfm == "vgg16_relu5_3":
     return vfm_lib.vgg16_relu5_3(size or 256, dtype=dtype), None
@@ -173,7 +173,8 @@ def load_frozen(config, mesh, info: Optional[dict] = None) -> dict:
     if info is not None and got != info:
       raise ValueError(f"{t.vfm_weights}: DINOv2 sizes {got} differ from {info}")
     variables = {"params": params}
-  return jax.device_put({"vfm": variables}, sharding_lib.replicated(mesh))
+  return jax.device_put({"vfm": common.frozen_storage(config, variables)},
+                        sharding_lib.replicated(mesh))
 
 
 class Setup:
@@ -215,7 +216,8 @@ class Setup:
             "label": jax.ShapeDtypeStruct((self.config.batch_size,), jnp.int32,
                                           sharding=self.data_sharding)}
 
-  def compile_train_step(self, frozen):
+  def compile_train_step(self, frozen, donate: Optional[bool] = None):
+    """AOT-compiled train_step; donate (the state) defaults to config.donate."""
     step = functools.partial(train_step, model=self.model, backend=self.backend,
                              config=self.config)
     frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
@@ -224,7 +226,8 @@ class Setup:
     return common.compile_step(
         step, self.state_shardings, (self.data_sharding, frozen_sh),
         sharding_lib.replicated(self.mesh), (self.abstract_state, self._batch_abstract(),
-                                             frozen_abs), self.mesh)
+                                             frozen_abs), self.mesh,
+        donate=self.config.get("donate", True) if donate is None else donate)
 
   def eval_fn(self):
     return jax.jit(functools.partial(eval_step, model=self.model, backend=self.backend,
