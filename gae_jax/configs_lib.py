@@ -201,7 +201,7 @@ def common_config(stage: str) -> ml_collections.ConfigDict:
 
 
 def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.ConfigDict:
-  """Stage 2 (GAE autoencoder), SPEC stage 2 + paper Tab. 13 / Sec. G.
+  """Stage 2 (GAE autoencoder), docs/method.md stage 2 + paper Tab. 13 / Sec. G.
 
   arg: 'runlocal' (tiny CPU smoke run on the embedded photos), 'variant=S|B|L',
   'sigma_std=0.1', 'kl' (KL-VAE of Tab. 7), 'source=embedded|folder|tfds', 'root=...'.
@@ -306,7 +306,7 @@ def cache_latents_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.cache = ml_collections.ConfigDict(dict(
       split=a.split,
       shard_size=a.shard_size,     # examples per shard (per process)
-      augment=False,               # False: ADM center crop (SPEC); True: the train crops
+      augment=False,               # False: ADM center crop (docs/method.md); True: the train crops
       dtype="float32",             # stored latent dtype: float32 | bfloat16
       stats_samples=10_000,        # latents for the per-channel mean / std
       stats_seed=0,
@@ -368,7 +368,7 @@ def sampling_config(latent_dim: int, epochs: int, cfg: bool = False,
 
 
 def dit_config(arg: str | None, *, latent_dim: int, epochs: int) -> ml_collections.ConfigDict:
-  """Stage 3 (LightningDiT-XL/1 flow matching on cached GAE latents), SPEC stage 3.
+  """Stage 3 (LightningDiT-XL/1 flow matching on cached GAE latents), docs/method.md stage 3.
 
   arg: 'runlocal' (tiny "mu" DiT on the embedded-photo cache), 'variant=XL/1',
   'cache=<dir>', 'gae=<path>' (decoder for sample grids; default: the cache's GAE),
@@ -542,7 +542,7 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def teacher_config(arg: str | None, *, latent_dim: int) -> ml_collections.ConfigDict:
-  """Stage 1 (semantic teacher E_sp + decoder D_sp on frozen DINOv2-L), SPEC stage 1.
+  """Stage 1 (semantic teacher E_sp + decoder D_sp on frozen DINOv2-L), docs/method.md stage 1.
 
   Released optimisation (default): AdamW 1e-4, betas (0.9, 0.98), wd 0.05 (none on
   vectors), cosine to 0.1 x lr after a 5% linear warm-up, 100 epochs at global batch 1024.
@@ -599,7 +599,7 @@ def teacher_config(arg: str | None, *, latent_dim: int) -> ml_collections.Config
   c.data.source = a.source
   c.data.root = a.root
   c.data.image_size = c.teacher.vfm_image_size
-  c.data.random_flip = False       # SPEC: resize + center crop, no flip
+  c.data.random_flip = False       # docs/method.md: resize + center crop, no flip
   c.data.num_workers = 8
   if a.runlocal:
     c.teacher.vfm_image_size = c.data.image_size = 128
