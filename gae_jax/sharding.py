@@ -1,7 +1,9 @@
 """One mesh, logical-axis rules, parameter shardings and global input arrays."""
 
+import contextlib
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,6 +37,24 @@ def make_mesh(mesh_axes: Sequence[tuple[str, int]], devices=None) -> jax.shardin
 
 def rules_from_config(rules) -> tuple:
   return tuple((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in rules)
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: jax.sharding.Mesh, rules):
+  """The mesh and the logical-axis rules, both active: `nn.with_logical_constraint` in the
+  models only becomes a sharding constraint when a trace (init, apply, lower) runs inside
+  this; outside it the constraints are no-ops."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def with_mesh_rules(fn: Callable, mesh: jax.sharding.Mesh, rules) -> Callable:
+  """`fn` (e.g. a jitted eval step, traced on its first call) called inside mesh_rules."""
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with mesh_rules(mesh, rules):
+      return fn(*args, **kwargs)
+  return call
 
 
 def batch_axes(mesh: jax.sharding.Mesh, rules) -> tuple:
@@ -73,6 +93,8 @@ def tree_shardings(abstract_boxed: Any, mesh: jax.sharding.Mesh, rules,
 
   mode 'logical': boxed leaves follow the logical rules; plain leaves use the FSDP rule.
   mode 'fsdp': every leaf uses the FSDP rule. The result matches the *unboxed* tree.
+  Optimizer moments and EMA copies initialised from the boxed parameters carry the same
+  logical names (and shapes), so they get exactly their parameter's sharding in both modes.
   """
   if mode not in ("logical", "fsdp"):
     raise ValueError(f"config.param_sharding={mode!r}: use 'logical' or 'fsdp'")

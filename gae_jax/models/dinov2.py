@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gae_jax.models import layers
+
 Dtype = Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -214,11 +216,11 @@ def preprocess(images_m11: jax.Array, size: int = 224, *, method: str = "bicubic
 
 
 def _dense_init(names):
-  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names)
+  return layers.dense_init(names, nn.initializers.xavier_uniform())
 
 
-def _zeros(names):
-  return nn.with_logical_partitioning(nn.initializers.zeros, names)
+def _zeros(names):  # no constraint on unbox: see layers.dense_init (DenseGeneral)
+  return layers.dense_init(names, nn.initializers.zeros)
 
 
 class Attention(nn.Module):

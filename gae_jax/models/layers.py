@@ -24,7 +24,14 @@ ACT_AXES = ("batch", "length", "embed")
 
 
 def dense_init(names, init: Initializer = nn.initializers.xavier_uniform()):
-  return nn.with_logical_partitioning(init, names)
+  """`init` boxed with logical axis `names` (the trainers' shardings read them).
+
+  The box holds empty rules, so unboxing it never adds a sharding constraint: flax's
+  DenseGeneral unboxes its *flattened* kernel / bias with the unflattened names (also in
+  apply, where it checks shapes), which fails inside `nn.logical_axis_rules`; the
+  parameters are laid out by the step's in/out shardings instead (gae_jax/sharding.py).
+  """
+  return nn.with_logical_partitioning(init, names, rules=())
 
 
 # Parameter initialisation schemes of the GAE ViTs (`config.model.init`, docs/fidelity.md):
@@ -154,7 +161,7 @@ class Attention(nn.Module):
         (3, self.num_heads, head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
         param_dtype=self.param_dtype, name="qkv",
         kernel_init=dense_init(("embed", None, "heads", "kv"), _fused_init(self.kernel_init)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+        bias_init=dense_init((None, "heads", "kv"), nn.initializers.zeros),
     )(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.qk_norm:

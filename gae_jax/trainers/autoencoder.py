@@ -50,7 +50,9 @@ def _init_fn(config, model, disc, rng):
                           "logvar": jnp.full((), config.loss.logvar_init, jnp.float32)},
             "discriminator": disc_vars["params"]}
   tx = make_optimizers(config)
-  opt_state = {k: tx[k].init(nn.meta.unbox(params[k])) for k in tx}
+  # Boxed params in, boxed moments out: mu / nu carry their parameter's logical axes and
+  # so get exactly its sharding (sharding.tree_shardings).
+  opt_state = {k: tx[k].init(params[k]) for k in tx}
   proj = sp_proj_shape(config, model)
   if proj is not None:  # pre / post alignment: the learned map onto the VFM width
     params["generator"]["sp_proj"] = {"kernel": nn.with_logical_partitioning(
@@ -380,8 +382,10 @@ class Setup:
       return jax.jit(lambda: nn.meta.unbox(self.init_fn()),
                      out_shardings=self.state_shardings)()
 
-  def compile_train_step(self, frozen, donate: bool | None = None):
-    """AOT-compiled train_step; donate (the state) defaults to config.donate."""
+  def compile_train_step(self, frozen, donate: bool | None = None,
+                         return_lowered: bool = False):
+    """AOT-compiled train_step; donate (the state) defaults to config.donate;
+    return_lowered: (compiled, lowered) as common.compile_step."""
     step = functools.partial(train_step, model=self.model, disc=self.disc, lpips=self.lpips,
                              config=self.config)
     size = self.config.data.image_size
@@ -395,10 +399,13 @@ class Setup:
     return common.compile_step(
         step, self.state_shardings, (self.data_sharding, frozen_sh),
         sharding_lib.replicated(self.mesh), (self.abstract_state, batch, frozen_abs),
-        self.mesh, donate=self.config.get("donate", True) if donate is None else donate)
+        self.mesh, donate=self.config.get("donate", True) if donate is None else donate,
+        rules=self.rules, return_lowered=return_lowered)
 
   def eval_fn(self):
-    return jax.jit(functools.partial(eval_step, model=self.model, lpips=self.lpips))
+    return sharding_lib.with_mesh_rules(
+        jax.jit(functools.partial(eval_step, model=self.model, lpips=self.lpips)),
+        self.mesh, self.rules)
 
   def train_iterator(self):
     return pipeline.make_iterator(self.config.data, split="train",

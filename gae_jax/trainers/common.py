@@ -120,7 +120,7 @@ def sharded_init(init_fn: Callable[[], Any], mesh, rules, mode: str = "logical")
   """
   abstract = jax.eval_shape(init_fn)
   shardings = sharding_lib.tree_shardings(abstract, mesh, rules, mode)
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh):  # no rules: see layout_state
     values = jax.jit(lambda: nn.meta.unbox(init_fn()), out_shardings=shardings)()
   return values, shardings
 
@@ -131,7 +131,8 @@ def abstract_with_shardings(abstract, shardings):
 
 
 def compile_step(step_fn, state_shardings, in_shardings_rest, out_metrics_sharding,
-                 abstract_args, mesh, donate: bool = True, name: str = "train_step"):
+                 abstract_args, mesh, donate: bool = True, name: str = "train_step",
+                 rules=None, return_lowered: bool = False):
   """AOT: jit with shardings (+ donation of the state), lower, compile.
 
   Logs 'compiling <name> ...' and then the time it took (or that it came from the
@@ -140,8 +141,11 @@ def compile_step(step_fn, state_shardings, in_shardings_rest, out_metrics_shardi
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, *in_shardings_rest),
                    out_shardings=(state_shardings, out_metrics_sharding),
                    donate_argnums=(0,) if donate else ())
-  with console.compiling(name) as info, jax.set_mesh(mesh):
-    compiled = jitted.lower(*abstract_args).compile()
+  rules_ctx = (sharding_lib.mesh_rules(mesh, rules) if rules is not None
+               else jax.set_mesh(mesh))
+  with console.compiling(name) as info, rules_ctx:
+    lowered = jitted.lower(*abstract_args)
+    compiled = lowered.compile()
     try:
       mem = compiled.memory_analysis()
       if mem is not None:
@@ -150,7 +154,7 @@ def compile_step(step_fn, state_shardings, in_shardings_rest, out_metrics_shardi
                           f"outputs {mem.output_size_in_bytes / 2**20:.1f} MiB")
     except Exception:  # memory_analysis is unsupported on some backends
       pass
-  return compiled
+  return (compiled, lowered) if return_lowered else compiled
 
 
 def write_config(config, workdir: str):
@@ -160,6 +164,10 @@ def write_config(config, workdir: str):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+
+  Lowered inside `sharding_lib.mesh_rules(mesh, rules)`, so the models' logical activation
+  constraints become sharding constraints (rules None: no constraints). Returns the
+  compiled step, or (compiled, jax.stages.Lowered) with return_lowered.
 
 
 def write_plan(workdir: str, plan: dict) -> str:
@@ -217,6 +225,12 @@ def checkpointer(config, workdir: str):
 
 def restore_or_init(ckpt, abstract_state, train_iter, init_fn: Callable[[], Any],
                     total_steps: int):
+
+  init_fn must initialise the optimizer (and EMA) from the *boxed* params, so that every
+  moment carries its parameter's logical names and gets exactly its sharding. The init is
+  traced without the logical rules (flax's DenseGeneral would constrain its flattened
+  kernel with the unflattened names); its layout comes from out_shardings. The step is
+  lowered inside the rules (compile_step), where the activation constraints apply.
   """The latest checkpoint (state + data iterator) or `init_fn()`; None when already done.
 
   Logs the run's plan first (module sizes, mesh, batch, steps, outputs). Closes `ckpt` in

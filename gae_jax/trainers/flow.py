@@ -60,7 +60,7 @@ def _init_fn(config, model, rng):
   k_init, k_state = jax.random.split(rng)
   params = model.init({"params": k_init}, x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
                       )["params"]
-  opt_state = make_optimizer(config).init(nn.meta.unbox(params))
+  opt_state = make_optimizer(config).init(params)  # boxed: moments sharded like params
   return common.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                            rng=jax.random.key_data(k_state), ema_params=params)
 
@@ -90,7 +90,10 @@ def train_step(state: common.TrainState, batch: dict, stats: dict, *, model, con
                  update_norm=common.global_norm(updates),
                  lr=common.learning_rate_schedule(config.optim, config.total_steps)(
                      state.step))
-  return new_state, metrics
+  # Non-finite loss / gradient / new params: skip the whole update (common.guard_update).
+  new_state, guard = common.guard_update(state, new_state, loss, metrics["grad_norm"],
+                                         metrics["param_norm"])
+  return new_state, {**metrics, **guard}
 
 
 class Setup:
@@ -132,8 +135,9 @@ class Setup:
     return jax.device_put({"mean": jnp.asarray(mean), "std": jnp.asarray(std)},
                           self.replicated)
 
-  def compile_train_step(self, donate: Optional[bool] = None):
-    """AOT-compiled train_step; donate (the state) defaults to config.donate."""
+  def compile_train_step(self, donate: Optional[bool] = None, return_lowered: bool = False):
+    """AOT-compiled train_step; donate (the state) defaults to config.donate;
+    return_lowered: (compiled, lowered) as common.compile_step."""
     step = functools.partial(train_step, model=self.model, config=self.config)
     b, d = self.config.batch_size, self.config.model.latent_dim
     batch = {"latent": jax.ShapeDtypeStruct((b, *latent_shape(self.config)), jnp.float32,
@@ -144,7 +148,8 @@ class Setup:
     return common.compile_step(
         step, self.state_shardings, (self.data_sharding, self.replicated), self.replicated,
         (self.abstract_state, batch, stats), self.mesh,
-        donate=self.config.get("donate", True) if donate is None else donate)
+        donate=self.config.get("donate", True) if donate is None else donate,
+        rules=self.rules, return_lowered=return_lowered)
 
   def train_iterator(self):
     c = self.config

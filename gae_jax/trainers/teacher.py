@@ -117,7 +117,7 @@ def _init_fn(config, model, backend, rng):
   k_init, k_state = jax.random.split(rng)
   variables = model.init(k_init, feats)
   params = variables["params"]
-  opt_state = make_optimizer(config).init(nn.meta.unbox(params))
+  opt_state = make_optimizer(config).init(params)  # boxed: moments sharded like params
   return common.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                            rng=jax.random.key_data(k_state))
 
@@ -150,7 +150,11 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, ba
       grad_norm=common.global_norm(grads), param_norm=common.global_norm(params),
       update_norm=common.global_norm(updates),
       lr=common.learning_rate_schedule(optim_config(config), config.total_steps)(state.step))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  # Non-finite loss / gradient / new params: skip the whole update (common.guard_update).
+  new_state, guard = common.guard_update(state, new_state, loss, metrics["grad_norm"],
+                                         metrics["param_norm"])
+  return new_state, {**metrics, **guard}
 
 
 def eval_step(params, batch, frozen, *, model, backend, config) -> dict:
@@ -227,11 +231,13 @@ class Setup:
         step, self.state_shardings, (self.data_sharding, frozen_sh),
         sharding_lib.replicated(self.mesh), (self.abstract_state, self._batch_abstract(),
                                              frozen_abs), self.mesh,
-        donate=self.config.get("donate", True) if donate is None else donate)
+        donate=self.config.get("donate", True) if donate is None else donate,
+        rules=self.rules)
 
   def eval_fn(self):
-    return jax.jit(functools.partial(eval_step, model=self.model, backend=self.backend,
-                                     config=self.config))
+    return sharding_lib.with_mesh_rules(
+        jax.jit(functools.partial(eval_step, model=self.model, backend=self.backend,
+                                  config=self.config)), self.mesh, self.rules)
 
   def features_fn(self):
     return jax.jit(self.backend.features)
