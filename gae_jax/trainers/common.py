@@ -135,6 +135,10 @@ def compile_step(step_fn, state_shardings, in_shardings_rest, out_metrics_shardi
                  rules=None, return_lowered: bool = False):
   """AOT: jit with shardings (+ donation of the state), lower, compile.
 
+  Lowered inside `sharding_lib.mesh_rules(mesh, rules)`, so the models' logical activation
+  constraints become sharding constraints (rules None: no constraints). Returns the
+  compiled step, or (compiled, jax.stages.Lowered) with return_lowered.
+
   Logs 'compiling <name> ...' and then the time it took (or that it came from the
   persistent compilation cache) with the program's memory use per device.
   """
@@ -164,10 +168,6 @@ def write_config(config, workdir: str):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-
-  Lowered inside `sharding_lib.mesh_rules(mesh, rules)`, so the models' logical activation
-  constraints become sharding constraints (rules None: no constraints). Returns the
-  compiled step, or (compiled, jax.stages.Lowered) with return_lowered.
 
 
 def write_plan(workdir: str, plan: dict) -> str:
@@ -202,6 +202,12 @@ def layout_state(setup, init_fn: Callable[[], Any]) -> None:
   Sets setup.init_fn, .abstract_boxed (eval_shape of init_fn, with logical axes),
   .state_shardings, .abstract_state (ShapeDtypeStructs carrying them), .data_sharding and
   .per_process_batch (checked against the mesh).
+
+  init_fn must initialise the optimizer (and EMA) from the *boxed* params, so that every
+  moment carries its parameter's logical names and gets exactly its sharding. The init is
+  traced without the logical rules (flax's DenseGeneral would constrain its flattened
+  kernel with the unflattened names); its layout comes from out_shardings. The step is
+  lowered inside the rules (compile_step), where the activation constraints apply.
   """
   c = setup.config
   setup.init_fn = init_fn
@@ -225,12 +231,6 @@ def checkpointer(config, workdir: str):
 
 def restore_or_init(ckpt, abstract_state, train_iter, init_fn: Callable[[], Any],
                     total_steps: int):
-
-  init_fn must initialise the optimizer (and EMA) from the *boxed* params, so that every
-  moment carries its parameter's logical names and gets exactly its sharding. The init is
-  traced without the logical rules (flax's DenseGeneral would constrain its flattened
-  kernel with the unflattened names); its layout comes from out_shardings. The step is
-  lowered inside the rules (compile_step), where the activation constraints apply.
   """The latest checkpoint (state + data iterator) or `init_fn()`; None when already done.
 
   Logs the run's plan first (module sizes, mesh, batch, steps, outputs). Closes `ckpt` in
