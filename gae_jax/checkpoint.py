@@ -42,8 +42,21 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
+  def due(self, step: int) -> bool:
+    """The interval says `step` is a save step (no preemption check)."""
+    return step % self.save_every == 0
+
+  def preempted(self, step: int) -> bool:
+    """JAX's preemption sync point (multi-process runs): every process gets True at the
+    same step once any received the notice. Call at every step on every process."""
+    return jax.process_count() > 1 and bool(self.manager.reached_preemption(step))
+
   def save(self, step: int, state: Any, data_iter: Any = None, *, force: bool = False) -> bool:
-    """Saves when the interval says so, on preemption, or when forced."""
+    """Saves when the interval says so, on preemption, or when forced.
+
+    Save policy (trainers/common.run_loop): the loop never offers a state whose latest
+    update was skipped as non-finite, so rotation (keep-latest-N) only drops finite steps
+    older than a finite newer one."""
     force = force or step % self.save_every == 0 or self.manager.reached_preemption(step)
     if not force:
       return False

@@ -84,10 +84,13 @@ def validate(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
   > 0; ema_decay None or in [0, 1); model.variant / model.decoder_variant in the model's
   size table (ViT for the autoencoder, LightningDiT for the flow stage); model.sigma_std
   >= 0; model.latent_dim > 0; the autoencoder's data.image_size a multiple of
-  model.patch_size. Sub-configs that have a `stage` (the demo's per-stage configs) are
-  validated the same way under their own prefix.
+  model.patch_size; max_nonfinite_steps >= 0. Sub-configs that have a `stage` (the demo's
+  per-stage configs) are validated the same way under their own prefix. What only a
+  training run needs (not --dry_run) is checked by validate_training.
   """
   c = config
+  _check(c.get("max_nonfinite_steps", 0) >= 0, f"{prefix}.max_nonfinite_steps",
+         c.get("max_nonfinite_steps"), "must be >= 0 (0: never stop)")
   _check(c.get("batch_size", 1) > 0, f"{prefix}.batch_size", c.get("batch_size"), "must be > 0")
   _check(c.get("total_steps", 0) >= 0, f"{prefix}.total_steps", c.get("total_steps"),
          "must be >= 0")
@@ -140,6 +143,23 @@ def validate(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
            f"must be a multiple of model.patch_size={patch}")
 
 
+def validate_training(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
+  """Checks for a run that trains (main.py, not --dry_run); raises ValueError (one line).
+
+  The autoencoder's loss.sp_weight > 0 needs a teacher (teacher.init_from or teacher.vfm):
+  without one L_sp is silently 0 and the run is the lambda_sp = 0 ablation. (The demo's
+  gae sub-config gets its teacher from the demo's stage 1, so it is not checked here.)
+  """
+  loss, teacher = config.get("loss"), config.get("teacher")
+  if (config.get("stage") == "autoencoder" and isinstance(loss, ml_collections.ConfigDict)
+      and loss.get("sp_weight", 0) > 0 and isinstance(teacher, ml_collections.ConfigDict)
+      and not (teacher.get("init_from") or teacher.get("vfm"))):
+    raise ValueError(f"{prefix}.loss.sp_weight={loss.sp_weight!r} needs a teacher: set "
+                     f"{prefix}.teacher.init_from (a stage-1 teacher workdir or the authors' "
+                     f"latest.pth), or {prefix}.loss.sp_weight=0 for the lambda_sp = 0 "
+                     "ablation")
+
+
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1):
   """Mesh axes in order; -1 takes all remaining devices. Parallelism is config data."""
   return [("data", data), ("fsdp", fsdp), ("tensor", tensor)]
@@ -184,6 +204,9 @@ def common_config(stage: str) -> ml_collections.ConfigDict:
   c.image_every = 1000           # PNG grids of reconstructions / samples
   c.ckpt_every = 1000
   c.keep_ckpts = 3
+  # Consecutive non-finite updates (skipped on device, trainers/common.guard_update) after
+  # which the run stops naming the last good checkpoint; 0: never stop.
+  c.max_nonfinite_steps = 20
   c.compute_dtype = "bfloat16"   # "float32" forced on CPU unless compute_dtype_cpu is set
   c.param_dtype = "float32"
   # Frozen networks (LPIPS VGG, the VFM, the stage-1 teacher): None computes them in the

@@ -146,6 +146,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = FLAGS(argv)
     configs_lib.validate(FLAGS.config)
+    if not FLAGS.dry_run:
+      configs_lib.validate_training(FLAGS.config)
     if FLAGS.config.stage not in STAGES:
       raise ValueError(f"config.stage={FLAGS.config.stage!r} is not one of {sorted(STAGES)}")
   except (flags.Error, ValueError) as e:

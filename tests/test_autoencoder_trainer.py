@@ -183,7 +183,8 @@ def test_bad_config_arg_is_named():
 # with test_train_resume_and_identical_next_batch through the test compilation cache).
 TINY_CLI = ["--config=configs/gae_l32.py:runlocal,latent_dim=8", "--config.data.image_size=32",
             "--config.loss.disc_start=0", "--config.total_steps=2", "--config.log_every=1",
-            "--config.image_every=1", "--config.ckpt_every=1"]
+            "--config.image_every=1", "--config.ckpt_every=1",
+            "--config.loss.sp_weight=0"]   # no teacher: the lambda_sp = 0 run, explicitly
 LIBRARY_CHATTER = ("orbax", "Closing", "could not be restored", "Unable to initialize backend",
                    "examples on process", "CheckpointManager")
 

@@ -308,6 +308,12 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
       grad_norm=common.global_norm(g_grads), disc_grad_norm=common.global_norm(d_grads),
       param_norm=common.global_norm(new_g), update_norm=common.global_norm(g_updates),
       lr=common.learning_rate_schedule(config.optim, config.total_steps)(state.step))
+  # Generator and discriminator as one update: a non-finite loss, gradient or new
+  # parameter in either skips both (common.guard_update), EMA and BatchNorm stats included.
+  new_state, guard = common.guard_update(
+      state, new_state, terms["loss"], d_loss, out["grad_norm"], out["disc_grad_norm"],
+      out["param_norm"], common.global_norm(new_d))
+  out.update(guard)
   return new_state, out
 
 

@@ -7,6 +7,8 @@ init or restore -> AOT-compiled step -> loop with metrics, image grids and check
 """
 
 import json
+import signal
+import threading
 import os
 from typing import Any, Callable
 
@@ -34,6 +36,10 @@ class TrainState:
   rng: jax.Array                    # raw uint32 key data; per-step keys by fold_in(step)
   ema_params: Any = None
   model_state: Any = None           # e.g. discriminator BatchNorm statistics
+  # Updates skipped because the loss, a gradient or the new parameters were non-finite:
+  # consecutive (reset by a finite update) and in total (guard_update).
+  skipped_run: Any = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
+  skipped_total: Any = struct.field(default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -72,6 +78,27 @@ def ema_update(ema, params, decay: float):
 
 def global_norm(tree) -> jax.Array:
   return optax.tree.norm(tree)
+
+
+def guard_update(old: TrainState, new: TrainState, *checks: jax.Array
+                 ) -> tuple[TrainState, dict]:
+  """`new` when every scalar in `checks` (loss, gradient norms, new parameter norm) is
+  finite, else `old` with only the step advanced: params, optimizer, EMA and model state
+  untouched, so a non-finite state never exists. On device, no host sync (one select per
+  leaf). Returns (state, metrics): update_skipped (0/1), skipped_run (consecutive skips),
+  skipped_total. A norm is non-finite iff some element of its tree is (or it overflowed).
+  """
+  ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.asarray(c, jnp.float32)))
+                          for c in checks]))
+  keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(ok, a, b), n, o)
+  state = new.replace(
+      params=keep(new.params, old.params), opt_state=keep(new.opt_state, old.opt_state),
+      ema_params=keep(new.ema_params, old.ema_params),
+      model_state=keep(new.model_state, old.model_state),
+      skipped_run=jnp.where(ok, 0, old.skipped_run + 1).astype(jnp.int32),
+      skipped_total=(old.skipped_total + jnp.where(ok, 0, 1)).astype(jnp.int32))
+  return state, dict(update_skipped=1.0 - ok.astype(jnp.float32),
+                     skipped_run=state.skipped_run, skipped_total=state.skipped_total)
 
 
 def compute_dtype(config) -> jnp.dtype:
@@ -258,19 +285,61 @@ def restore_or_init(ckpt, abstract_state, train_iter, init_fn: Callable[[], Any]
   return state
 
 
+class _StopFlag:
+  """SIGTERM -> a flag the loop reads at the next step boundary (installed in the main
+  thread of a single-process run only; the previous handler is restored on exit). With
+  several processes JAX's preemption service owns SIGTERM and the processes agree on the
+  step through orbax's reached_preemption (Checkpointer.preempted)."""
+
+  def __init__(self):
+    self.set = False
+    self._previous = None
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    self.set = True
+    logging.warning("SIGTERM received: saving a checkpoint at the next step boundary, "
+                    "then exiting")
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+class NonFiniteStop(FloatingPointError):
+  """Too many consecutive non-finite updates were skipped (run_loop)."""
+
+
+def _last_good(ckpt) -> str:
+  steps = ckpt.all_steps()
+  return f"{ckpt.directory}/{steps[-1]}" if steps else "none (no checkpoint yet)"
+
+
 def run_loop(config, workdir: str, *, state, step_fn: Callable[[Any, dict], tuple[Any, Any]],
              train_iter, data_sharding, ckpt, log_keys: tuple[tuple[str, str], ...],
              periodic: tuple[tuple[int, Callable], ...] = (), banner: str = "") -> dict:
   """Steps `state` to config.total_steps; returns the last logged metrics.
 
-  step_fn(state, global_batch) -> (state, device metrics). Every config.log_every steps
-  (and on the first and last) the metrics are checked finite, written and logged with
-  `log_keys` ((name, format) pairs). `periodic` holds (every, fn(step, state, writer) ->
-  dict) actions (eval, image grids) run every `every` steps and on the last; their dicts
-  join the returned metrics. A checkpoint (with the data iterator) is offered every step:
-  the Checkpointer saves on its interval, on preemption and (forced) on the last step.
+  step_fn(state, global_batch) -> (state, device metrics); the step skips non-finite
+  updates on device (guard_update) and reports skipped_run / skipped_total. Every
+  config.log_every steps (and on the first and last) the metrics are written and logged
+  with `log_keys` ((name, format) pairs); there the host reads the skip counter and stops
+  (NonFiniteStop, one line naming the step and the last good checkpoint) after
+  config.max_nonfinite_steps consecutive skips. `periodic` holds (every, fn(step, state,
+  writer) -> dict) actions (eval, image grids) run every `every` steps and on the last;
+  their dicts join the returned metrics. A checkpoint (with the data iterator) is offered
+  every step: the Checkpointer saves on its interval and (forced) on the last step, but
+  never while the latest update was skipped, so divergence cannot rotate good checkpoints
+  out. SIGTERM (single process) or the preemption notice (several processes): a forced
+  save at the next step boundary, wait for it, SystemExit(0).
   """
   total = int(config.total_steps)
+  max_bad = int(config.get("max_nonfinite_steps", 20) or 0)
   writer = metrics_lib.MetricWriter(workdir)
   start = int(state.step)
   progress = metrics_lib.Progress(total, config.batch_size, start)
@@ -278,20 +347,46 @@ def run_loop(config, workdir: str, *, state, step_fn: Callable[[Any, dict], tupl
   if banner:
     logging.info("training %s", banner)
   last = {}
-  for step in range(start + 1, total + 1):
-    batch = sharding_lib.to_global(next(train_iter), data_sharding)
-    state, m = step_fn(state, batch)
-    if step % config.log_every == 0 or step == total or step == start + 1:
-      last = host_metrics(m)
-      metrics_lib.check_finite(step, last)
-      last.update(progress(step))
-      writer.write_scalars(step, last)
-      logging.info("%s", console.progress_line(step, total, last, log_keys))
-    for every, fn in periodic:
-      if every and (step % every == 0 or step == total):
-        with jax.set_mesh(mesh):
-          last.update(fn(step, state, writer) or {})
-    ckpt.save(step, state, train_iter, force=step == total)
+  with _StopFlag() as sigterm:
+    for step in range(start + 1, total + 1):
+      batch = sharding_lib.to_global(next(train_iter), data_sharding)
+      state, m = step_fn(state, batch)
+      if step % config.log_every == 0 or step == total or step == start + 1:
+        last = host_metrics(m)
+        last.update(progress(step))
+        writer.write_scalars(step, last)
+        logging.info("%s", console.progress_line(step, total, last, log_keys))
+        run_bad = int(last.get("skipped_run", 0))
+        if run_bad:
+          logging.warning("step %d: %d consecutive non-finite update(s) skipped (%d in "
+                          "total)", step, run_bad, int(last.get("skipped_total", 0)))
+        if max_bad and run_bad >= max_bad:
+          ckpt.wait()
+          good = _last_good(ckpt)
+          ckpt.close()
+          writer.close()
+          raise NonFiniteStop(
+              f"step {step}: {run_bad} consecutive non-finite updates skipped (>= "
+              f"config.max_nonfinite_steps={max_bad}); last good checkpoint: {good}")
+      for every, fn in periodic:
+        if every and (step % every == 0 or step == total):
+          with jax.set_mesh(mesh):
+            last.update(fn(step, state, writer) or {})
+      preempted = sigterm.set or ckpt.preempted(step)
+      if ckpt.due(step) or preempted or step == total:
+        if int(jax.device_get(state.skipped_run)):
+          logging.warning("step %d: checkpoint skipped: the latest update was non-finite "
+                          "(last good checkpoint: %s)", step, _last_good(ckpt))
+        else:
+          ckpt.save(step, state, train_iter, force=True)
+      if preempted:
+        ckpt.wait()
+        saved = ckpt.all_steps()
+        ckpt.close()
+        writer.close()
+        logging.warning("preempted at step %d: checkpoints %s in %s; exiting (resume with "
+                        "the same command)", step, saved, ckpt.directory)
+        raise SystemExit(0)
   ckpt.wait()
   saved = ckpt.all_steps()
   ckpt.close()
