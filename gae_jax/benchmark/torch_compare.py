@@ -315,8 +315,8 @@ def compare_dit(path: str, *, variant: str = "B/1", batch: int = 4, sample_batch
                          need_data=False)
   state = s.init_state()
   p = jax.device_put(jax.tree.map(jnp.asarray, params), s.state_shardings.params)
-  state = state.replace(params=p, ema_params=p,
-                        opt_state=flow_trainer.make_optimizer(cfg).init(p))
+  state = state.replace(params=p, ema_params=jax.tree.map(jnp.copy, p),   # own buffers:
+                        opt_state=flow_trainer.make_optimizer(cfg).init(p))  # state is donated
   compiled = s.compile_train_step()
   batch_j = {"latent": jax.device_put(x, s.data_sharding),
              "label": jax.device_put(y.astype(np.int32), s.data_sharding)}
