@@ -6,15 +6,15 @@ loaded. Restores go into ShapeDtypeStructs that carry the *current* run's shardi
 checkpoint written on one mesh restores onto any other.
 """
 
-import os
 from typing import Any, Optional, Sequence
 
 from absl import logging
-from etils import epath
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from gae_jax import paths
 
 
 def _read_only_options() -> ocp.CheckpointManagerOptions:
@@ -26,9 +26,9 @@ def _read_only_options() -> ocp.CheckpointManagerOptions:
 class Checkpointer:
   """CheckpointManager with an interval + preemption save policy and keep-latest-N."""
 
-  def __init__(self, directory: str, *, save_every: int, keep: int = 3,
+  def __init__(self, directory: paths.PathLike, *, save_every: int, keep: int = 3,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.path(directory)   # local (made absolute) or gs:// etc.
     self.save_every = max(1, int(save_every))
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=self.save_every, max_to_keep=keep, create=True,
@@ -65,8 +65,7 @@ class Checkpointer:
       items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
-      logging.info("checkpoint: saving step %d to %s", step,
-                   os.path.join(self.directory, str(step)))
+      logging.info("checkpoint: saving step %d to %s", step, self.directory / str(step))
     return saved
 
   def restore(self, abstract_state: Any, data_iter: Any = None,
@@ -91,13 +90,13 @@ class Checkpointer:
       raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's "
                        f"train state (changed model or optimizer config?): {e}") from e
     logging.info("restored step %d from %s: train state (params, optimizer, EMA)%s", step,
-                 os.path.join(self.directory, str(step)),
+                 self.directory / str(step),
                  " and data iterator position" if data_iter is not None else "")
     return restored["state"]
 
   def _saved_items(self, step: int) -> set:
-    path = os.path.join(self.directory, str(step))
-    return set(os.listdir(path)) if os.path.isdir(path) else set()
+    path = self.directory / str(step)
+    return {p.name for p in path.iterdir()} if path.is_dir() else set()
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -107,13 +106,13 @@ class Checkpointer:
     self.manager.close()
 
 
-def metadata_tree(directory: str, step: int, item: str = "state") -> Any:
+def metadata_tree(directory: paths.PathLike, step: int, item: str = "state") -> Any:
   """The saved tree of `item` at `step` with ArrayMetadata leaves (shape, dtype); no data.
 
   Read with the item's own handler: a CheckpointManager limited to `item` would warn that
   the step's other items (the data iterator) "could not be restored", though nothing is.
   """
-  path = epath.Path(directory) / str(step) / item
+  path = paths.path(directory) / str(step) / item
   if not path.is_dir():
     raise FileNotFoundError(f"checkpoint {directory}/{step} has no {item!r} item")
   tree = ocp.PyTreeCheckpointHandler().metadata(path)
@@ -156,7 +155,7 @@ def check_matches(saved: Any, abstract: Any, what: str) -> None:
                      "(changed model or optimizer config?)")
 
 
-def restore_params(directory: str, step: Optional[int] = None, item: str = "state",
+def restore_params(directory: paths.PathLike, step: Optional[int] = None, item: str = "state",
                    keys: Optional[Sequence[str]] = None) -> Any:
   """Reads a gae_jax checkpoint's train state as host numpy arrays (no target needed).
 
@@ -164,8 +163,9 @@ def restore_params(directory: str, step: Optional[int] = None, item: str = "stat
   these top-level entries (e.g. ("params", "ema_params")); the others, the optimizer
   moments above all, are never read, so a ViT-L state loads in a third of the memory.
   """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  paths.configure_cloud_storage()
+  directory = paths.path(directory)
+  if not directory.is_dir():
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
   handlers = None if keys is None else {item: ocp.PyTreeCheckpointHandler()}
   with ocp.CheckpointManager(directory, item_names=(item,), item_handlers=handlers,

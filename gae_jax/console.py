@@ -18,7 +18,6 @@ that never call `setup()` see the same lines in absl's usual format.
 """
 
 import contextlib
-import glob
 import logging as std_logging
 import os
 import time
@@ -164,7 +163,7 @@ def fmt_duration(seconds: float) -> str:
 
 def begin_run(config, workdir: str) -> None:
   """Remembers the run (for the plan and the summary); trainers/common.write_config calls it."""
-  _run.update(config=config, workdir=os.path.abspath(workdir), start=time.time(),
+  _run.update(config=config, workdir=os.fspath(paths.path(workdir)), start=time.time(),
               compile_s=0.0)
   _run.setdefault("process_start", _run["start"])
 
@@ -288,9 +287,10 @@ def log_summary(*, step: int, start_step: int, metrics: Mapping[str, float],
     steps = ", ".join(str(s) for s in checkpoint_steps)
     logging.info("  checkpoints: %s (steps %s)", checkpoint_dir, steps or "none")
   if workdir:
-    pngs = sorted(glob.glob(os.path.join(workdir, "images", "*.png")))
+    images = paths.path(workdir) / "images"
+    pngs = sorted(os.fspath(p) for p in images.glob("*.png")) if images.is_dir() else []
     if pngs:
       logging.info("  images:      %s (latest of %d PNG grid%s)", pngs[-1], len(pngs),
                    "s" if len(pngs) > 1 else "")
-    logging.info("  metrics:     %s", os.path.join(workdir, "metrics.jsonl"))
-    logging.info("  tensorboard: tensorboard --logdir %s", os.path.join(workdir, "tb"))
+    logging.info("  metrics:     %s", paths.join(workdir, "metrics.jsonl"))
+    logging.info("  tensorboard: tensorboard --logdir %s", paths.join(workdir, "tb"))

@@ -1,8 +1,10 @@
 """Metric writing (TensorBoard without TensorFlow + JSONL), progress/ETA and PNG grids."""
 
+import io
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any, Mapping, Optional
 
@@ -11,19 +13,39 @@ import jax
 import numpy as np
 from PIL import Image
 
+from gae_jax import paths
+
 
 class MetricWriter:
-  """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard (tensorboardX); process 0 only."""
+  """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard (tensorboardX); process 0 only.
 
-  def __init__(self, workdir: str):
+  A remote workdir (gs://...; object stores have no append) is mirrored: metrics.jsonl
+  (its earlier lines fetched first, so a resumed run appends) and this run's tensorboardX
+  event file are written to a local temporary directory and uploaded whole every
+  `sync_every_s` seconds of writing, on flush() and on close().
+  """
+
+  def __init__(self, workdir: paths.PathLike, sync_every_s: float = 60.0):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.workdir = paths.path(workdir)
+    self.path = self.workdir / "metrics.jsonl"
     self._tb = None
+    self._mirror = None
+    self._sync_every_s, self._synced_at = sync_every_s, time.monotonic()
     if self.active:
-      os.makedirs(workdir, exist_ok=True)
+      paths.makedirs(self.workdir)
+      local_dir = os.fspath(self.workdir)
+      if paths.is_remote(self.workdir):
+        self._mirror = tempfile.TemporaryDirectory(prefix="gae_jax_metrics_")
+        local_dir = self._mirror.name
+        if self.path.exists():
+          with open(os.path.join(local_dir, "metrics.jsonl"), "wb") as f:
+            f.write(self.path.read_bytes())
+      self._local_path = os.path.join(local_dir, "metrics.jsonl")
+      self._local_tb = os.path.join(local_dir, "tb")
       try:
         from tensorboardX import SummaryWriter  # no TensorFlow needed
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tb = SummaryWriter(self._local_tb)
       except ImportError:  # pragma: no cover - tensorboardX is a core dependency
         logging.warning("tensorboardX missing: writing metrics.jsonl only")
 
@@ -31,11 +53,24 @@ class MetricWriter:
     if not self.active:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    with open(self.path, "a") as f:
+    with open(self._local_path, "a") as f:
       f.write(json.dumps({"step": int(step), **scalars}) + "\n")
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, v, step)
+    if self._mirror is not None and time.monotonic() - self._synced_at > self._sync_every_s:
+      self.flush()
+
+  def _sync(self):
+    """Uploads the local mirror of a remote workdir (metrics.jsonl, tb/ event files)."""
+    if self._mirror is None:
+      return
+    if os.path.exists(self._local_path):
+      paths.put_file(self._local_path, self.path)
+    if os.path.isdir(self._local_tb):
+      for name in sorted(os.listdir(self._local_tb)):
+        paths.put_file(os.path.join(self._local_tb, name), self.workdir / "tb" / name)
+    self._synced_at = time.monotonic()
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]):
     if not self.active or self._tb is None:
@@ -46,10 +81,15 @@ class MetricWriter:
   def flush(self):
     if self._tb is not None:
       self._tb.flush()
+    self._sync()
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+    self._sync()
+    if self._mirror is not None:
+      self._mirror.cleanup()
+      self._mirror = None
 
 
 class Progress:
@@ -101,8 +141,8 @@ def image_grid(images: np.ndarray, ncols: Optional[int] = None, pad: int = 2) ->
   return grid
 
 
-def save_png(path: str, image: np.ndarray):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  Image.fromarray(image).save(tmp, format="PNG")
-  os.replace(tmp, path)
+def save_png(path: paths.PathLike, image: np.ndarray):
+  """Writes `image` (H, W[, C]) uint8 as a PNG at `path` (local or gs://...), atomically."""
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  paths.write_bytes(path, buf.getvalue())

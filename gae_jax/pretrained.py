@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gae_jax import paths
 from gae_jax.models import dinov2 as dinov2_lib
 from gae_jax.models import gae as gae_lib
 from gae_jax.models import vit
@@ -167,17 +168,16 @@ class GAEHandle:
 
 
 def _is_torch_file(path: str) -> bool:
-  return os.path.isfile(path) and path.endswith(TORCH_SUFFIXES)
+  return path.endswith(TORCH_SUFFIXES) and paths.path(path).is_file()
 
 
 def _find_workdir(path: str) -> tuple[str, str]:
   """(config.json path, orbax checkpoint directory) for a workdir or its checkpoints/."""
-  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-      os.path.join(path, "checkpoints")):
-    return os.path.join(path, "config.json"), os.path.join(path, "checkpoints")
-  parent = os.path.dirname(os.path.abspath(path))
-  if os.path.isfile(os.path.join(parent, "config.json")):
-    return os.path.join(parent, "config.json"), path
+  p = paths.path(path)
+  if (p / "config.json").is_file() and (p / "checkpoints").is_dir():
+    return os.fspath(p / "config.json"), os.fspath(p / "checkpoints")
+  if (p.parent / "config.json").is_file():
+    return os.fspath(p.parent / "config.json"), path
   raise FileNotFoundError(
       f"{path} is neither a gae_jax workdir (config.json + checkpoints/), its checkpoints/ "
       f"directory, nor a PyTorch checkpoint file ({', '.join(TORCH_SUFFIXES)})")
@@ -187,8 +187,7 @@ def _read_dir(path: str, kind: str, step: Optional[int] = None) -> tuple[dict, A
   """(config.json dict, restored "state" item) of a gae_jax workdir or converted dir."""
   from gae_jax import checkpoint as ckpt_lib
   config_path, ckpt_dir = _find_workdir(path)
-  with open(config_path) as f:
-    cfg = json.load(f)
+  cfg = json.loads(paths.path(config_path).read_text())
   found = cfg.get("kind") or {"autoencoder": "gae"}.get(cfg.get("stage"), cfg.get("stage"))
   if found != kind:
     raise ValueError(f"{path} holds a {found!r} checkpoint ({config_path}), not {kind!r}")
@@ -240,13 +239,14 @@ def load_gae_params(path: str, *, step: Optional[int] = None, use_ema: bool = Tr
   gae_jax directories. `weights_only=False` lets torch unpickle a full Lightning
   checkpoint (only for a file you trust).
   """
+  paths.configure_cloud_storage()
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise FileNotFoundError(f"GAE checkpoint {path} does not exist")
   if _is_torch_file(path):
     from gae_jax.convert import gae as convert_gae_lib
     from gae_jax.convert import torch_io
-    sd = torch_io.load_torch_state_dict(path, subkey="state_dict",
+    sd = torch_io.load_torch_state_dict(paths.local_copy(path), subkey="state_dict",
                                         weights_only=weights_only)
     try:
       params, kw = convert_gae_lib.convert_gae(sd, num_heads=num_heads,
@@ -254,7 +254,7 @@ def load_gae_params(path: str, *, step: Optional[int] = None, use_ema: bool = Tr
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from e
     return params, _model_config(kw)
-  if os.path.isfile(path):
+  if paths.path(path).is_file():
     raise ValueError(f"{path} is a file but not a PyTorch checkpoint "
                      f"({', '.join(TORCH_SUFFIXES)}); pass a gae_jax workdir or a .ckpt")
   cfg, state = _read_dir(path, "gae", step)
@@ -272,7 +272,7 @@ def load_gae(path: str, *, step: Optional[int] = None, use_ema: bool = True,
   params, config = load_gae_params(path, step=step, use_ema=use_ema, num_heads=num_heads,
                                    decoder_num_heads=decoder_num_heads,
                                    weights_only=weights_only)
-  config.source = os.path.abspath(os.fspath(path))
+  config.source = os.fspath(paths.path(path))
   return GAEHandle(params, config, dtype=dtype, source=os.fspath(path))
 
 
@@ -287,11 +287,12 @@ def save_converted(dst: str, tree: Any, model_fields: dict, *, kind: str,
   config.json: {"kind", "source", "model": model_fields}.
   """
   import orbax.checkpoint as ocp
-  dst = os.path.abspath(os.fspath(dst))
-  ckpt_dir = os.path.join(dst, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  paths.configure_cloud_storage()
+  dst = paths.path(dst)
+  ckpt_dir = dst / "checkpoints"
+  if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; choose an empty --dst")
-  os.makedirs(dst, exist_ok=True)
+  paths.makedirs(dst)
   tree = nn.meta.unbox(tree)
   if kind == "gae":
     tree = {"generator": {"gae": tree}}
@@ -300,10 +301,9 @@ def save_converted(dst: str, tree: Any, model_fields: dict, *, kind: str,
                              options=ocp.CheckpointManagerOptions(create=True)) as mngr:
     mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
     mngr.wait_until_finished()
-  with open(os.path.join(dst, "config.json"), "w") as f:
-    json.dump({"kind": kind, "source": source, "model": dict(model_fields)}, f, indent=2,
-              default=str)
-  return dst
+  paths.write_text(dst / "config.json", json.dumps(
+      {"kind": kind, "source": source, "model": dict(model_fields)}, indent=2, default=str))
+  return os.fspath(dst)
 
 
 # ----------------------------------------------------------------------------------------
@@ -352,14 +352,15 @@ def load_dinov2(path: str, variant: Optional[str] = None, *, image_size: int = 2
   """DINOv2 from a torch-hub / Hugging Face weight file or a `python -m gae_jax.convert
   dinov2` directory. `variant` ("S", "B", "L", "g"), if given, must match the weights."""
   from gae_jax.convert import dinov2 as convert_dinov2_lib
+  paths.configure_cloud_storage()
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise FileNotFoundError(f"DINOv2 weights {path} do not exist")
-  if os.path.isdir(path):
+  if paths.path(path).is_dir():
     cfg, state = _read_dir(path, "dinov2")
     params, info = state["params"], cfg["model"]
   else:
-    params, info = convert_dinov2_lib.load_dinov2_params(path, subkey=subkey,
+    params, info = convert_dinov2_lib.load_dinov2_params(paths.local_copy(path), subkey=subkey,
                                                          num_heads=num_heads)
   if variant is not None:
     try:
@@ -381,7 +382,7 @@ def load_inception(path: Optional[str] = None, **handle_kwargs):
   """
   from gae_jax.convert import inception as convert_inception_lib
   from gae_jax.models import inception as inception_lib
-  if path is not None and os.path.isdir(os.fspath(path)):
+  if path is not None and paths.path(path).is_dir():
     _, state = _read_dir(os.fspath(path), "inception")
     return inception_lib.InceptionHandle(state["params"], **handle_kwargs)
   return convert_inception_lib.load_inception(path, **handle_kwargs)
@@ -398,23 +399,23 @@ TEACHER_FIELDS = ("vfm", "vfm_info", "vfm_image_size", "vfm_weights", "channels"
 
 def teacher_fields(path: str, *, weights_only: bool = True) -> dict:
   """The teacher's static description (VFM name/info/size, sizes), read without weights."""
+  paths.configure_cloud_storage()
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
   if _is_torch_file(path):
     from gae_jax.convert import teacher as convert_teacher_lib
-    cfg = convert_teacher_lib.read_teacher_config(path, weights_only=weights_only)
+    cfg = convert_teacher_lib.read_teacher_config(paths.local_copy(path),
+                                                  weights_only=weights_only)
     cfg.update(vfm="dinov2", vfm_image_size=224, vfm_weights=None, source=path)
     return cfg
-  if os.path.isfile(path):
+  if paths.path(path).is_file():
     raise ValueError(f"{path} is a file but not a PyTorch checkpoint "
                      f"({', '.join(TORCH_SUFFIXES)}); pass a teacher workdir or latest.pth")
   config_path, _ = _find_workdir(path)
-  root = os.path.dirname(config_path)
-  meta = os.path.join(root, "teacher.json")
-  src = meta if os.path.isfile(meta) else config_path
-  with open(src) as f:
-    cfg = json.load(f)
+  meta = paths.path(config_path).parent / "teacher.json"
+  src = os.fspath(meta) if meta.is_file() else config_path
+  cfg = json.loads(paths.path(src).read_text())
   found = cfg.get("kind") or cfg.get("stage")
   if found != "teacher":
     raise ValueError(f"{path} holds a {found!r} checkpoint ({src}), not a semantic teacher")
@@ -458,7 +459,8 @@ def load_teacher_variables(path: str, fields: Optional[dict] = None, *,
   keep = ("downsampler", "decoder") if with_decoder else ("downsampler",)
   if _is_torch_file(path):
     from gae_jax.convert import teacher as convert_teacher_lib
-    params, _, dino, _ = convert_teacher_lib.load_teacher_params(path, weights_only=weights_only)
+    params, _, dino, _ = convert_teacher_lib.load_teacher_params(paths.local_copy(path),
+                                                                 weights_only=weights_only)
     return ({"params": {k: params[k] for k in keep}}, {"params": dino})
   _, state = _read_dir(path, "teacher")
   params = state.get("params") or {}
@@ -483,7 +485,7 @@ def load_teacher_variables(path: str, fields: Optional[dict] = None, *,
     if not weights:
       raise ValueError(f"teacher {path} was trained on DINOv2 but names no weights file; "
                        "pass vfm_weights= (config.teacher.vfm_weights)")
-    dino, info = convert_dinov2_lib.load_dinov2_params(weights)
+    dino, info = convert_dinov2_lib.load_dinov2_params(paths.local_copy(weights))
     want = fields.get("vfm_info") or {}
     for k in ("variant", "width", "depth", "patch_size", "num_registers"):
       if k in want and want[k] != info.get(k):

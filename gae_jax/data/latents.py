@@ -17,7 +17,7 @@ unflipped latents of a seeded sample of (at most) 10k records, std with Bessel's
 (torch `.std`). Training normalises with (z - mean) / std, sampling inverts it.
 """
 
-import glob
+import io
 import json
 import os
 import re
@@ -26,6 +26,8 @@ from typing import Any, Iterable, Optional
 import flax.serialization
 import grain
 import numpy as np
+
+from gae_jax import paths as paths_lib
 
 FORMAT = "gae_jax.latents/1"
 MANIFEST = "manifest.json"
@@ -66,6 +68,21 @@ def decode_record(data: bytes) -> dict:
 
 
 def _atomic_write_bytes(path: str, write_fn) -> None:
+  """write_fn(local filename), then the file goes to `path` all-or-nothing: os.replace
+  locally; for a remote `path`, written in its local mirror (paths.local_mirror, so this
+  host reads it back without a download) and uploaded as one object."""
+  if paths_lib.is_remote(path):
+    local = paths_lib.local_mirror(path)
+    tmp = f"{local}.tmp-{os.getpid()}"
+    try:
+      write_fn(tmp)
+      paths_lib.put_file(tmp, path)
+      os.replace(tmp, local)
+      paths_lib.stamp_mirror(path, local)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    return
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
     write_fn(tmp)
@@ -101,11 +118,10 @@ def write_shard(path: str, records: Iterable[bytes]) -> int:
 
 
 def read_progress(cache_dir: str, process_index: int) -> Optional[dict]:
-  path = os.path.join(cache_dir, progress_name(process_index))
-  if not os.path.isfile(path):
+  path = paths_lib.path(cache_dir) / progress_name(process_index)
+  if not path.is_file():
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def completed_shards(cache_dir: str, process_index: int, settings: dict) -> dict[int, int]:
@@ -123,7 +139,7 @@ def completed_shards(cache_dir: str, process_index: int, settings: dict) -> dict
         f"{os.path.join(cache_dir, progress_name(process_index))} was written with other "
         f"settings {prog.get('settings')} than this run's {settings}; use a new cache dir")
   return {int(k): int(v) for k, v in prog.get("done", {}).items()
-          if os.path.isfile(os.path.join(cache_dir, shard_name(process_index, int(k))))}
+          if (paths_lib.path(cache_dir) / shard_name(process_index, int(k))).is_file()}
 
 
 def mark_completed(cache_dir: str, process_index: int, settings: dict,
@@ -138,15 +154,14 @@ def mark_completed(cache_dir: str, process_index: int, settings: dict,
 
 def shard_paths(cache_dir: str) -> list[str]:
   """Every finished shard file in the directory (sorted by process, then shard)."""
-  paths = [p for p in glob.glob(os.path.join(cache_dir, "latents-p*-s*.array_record"))
-           if _SHARD_RE.search(os.path.basename(p))]
-  return sorted(paths)
+  found = paths_lib.path(cache_dir).glob("latents-p*-s*.array_record")
+  return sorted(os.fspath(p) for p in found if _SHARD_RE.search(p.name))
 
 
 def compute_stats(paths: list[str], num_samples: int = 10_000, seed: int = 0
                   ) -> tuple[np.ndarray, np.ndarray, int]:
   """Per-channel (mean, std, n) over the unflipped latents of a seeded record sample."""
-  source = grain.sources.ArrayRecordDataSource(paths)
+  source = grain.sources.ArrayRecordDataSource([paths_lib.local_copy(p) for p in paths])
   n = len(source)
   if n == 0:
     raise ValueError(f"no latent records in {paths}")
@@ -192,12 +207,12 @@ def finalize(cache_dir: str, meta: dict, *, process_count: int, stats_samples: i
 
 
 def load_manifest(cache_dir: str) -> dict:
-  path = os.path.join(cache_dir, MANIFEST)
-  if not os.path.isfile(path):
+  paths_lib.configure_cloud_storage()
+  path = paths_lib.path(cache_dir) / MANIFEST
+  if not path.is_file():
     raise FileNotFoundError(f"{path} not found: {cache_dir} is not a finished latent cache "
                             "(run the cache_latents stage first)")
-  with open(path) as f:
-    manifest = json.load(f)
+  manifest = json.loads(path.read_text())
   if manifest.get("format") != FORMAT:
     raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
   return manifest
@@ -206,18 +221,20 @@ def load_manifest(cache_dir: str) -> dict:
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(mean, std) as (d,) float32 from a cache dir, its stats.npz, or the authors'
   `latents_stats.pt` ({'mean', 'std'} of shape (1, d, 1, 1))."""
-  if os.path.isdir(path):
-    path = os.path.join(path, STATS)
-  if not os.path.isfile(path):
+  paths_lib.configure_cloud_storage()
+  if paths_lib.path(path).is_dir():
+    path = paths_lib.join(path, STATS)
+  path = os.fspath(path)
+  if not paths_lib.path(path).is_file():
     raise FileNotFoundError(f"latent statistics file {path} not found")
   if path.endswith(".npz"):
-    with np.load(path) as f:
+    with np.load(io.BytesIO(paths_lib.path(path).read_bytes())) as f:
       if "mean" not in f or "std" not in f:
         raise ValueError(f"{path} lacks 'mean'/'std' (has {sorted(f.files)})")
       mean, std = f["mean"], f["std"]
   else:
     import torch  # pylint: disable=g-import-not-at-top
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch.load(paths_lib.local_copy(path), map_location="cpu", weights_only=True)
     if not isinstance(obj, dict) or "mean" not in obj or "std" not in obj:
       raise ValueError(f"{path} is not a latents_stats file with 'mean' and 'std'")
     mean, std = (obj[k].detach().float().numpy() for k in ("mean", "std"))
@@ -252,7 +269,7 @@ def make_latent_dataset(cache_dir: str, *, seed: int, shuffle: bool = True,
   """This process's slice of the cache as a MapDataset of decoded (unnormalised) latents."""
   manifest = load_manifest(cache_dir)
   paths = [os.path.join(cache_dir, s["file"]) for s in manifest["shards"]]
-  missing = [p for p in paths if not os.path.isfile(p)]
+  missing = [p for p in paths if not paths_lib.path(p).is_file()]
   if missing:
     raise FileNotFoundError(f"latent cache {cache_dir}: shard {missing[0]} is missing")
   from gae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -260,6 +277,9 @@ def make_latent_dataset(cache_dir: str, *, seed: int, shuffle: bool = True,
       grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)),
       f"latent cache {cache_dir}", seed=seed, shuffle=shuffle, repeat=repeat,
       process_index=process_index, process_count=process_count)
+  # ArrayRecord reads local files only: a remote cache is read from a local copy
+  # (paths.local_mirror; fetched once per host).
+  paths = [paths_lib.local_copy(p, what="latent shard") for p in paths]
   return ds.random_map(_Decode(flip), seed=pipeline.derive_seed(seed, 2, process_index))
 
 

@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from gae_jax import paths
 from gae_jax.data import transforms
 
 # ------------------------------------------------------------------------------------------
@@ -174,13 +175,22 @@ _SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation"),
                "validation": ("validation", "val"), "test": ("test",)}
 
 
+def _isdir(path: str) -> bool:
+  return paths.path(path).is_dir()
+
+
 def _class_dirs(path: str) -> list[str]:
+  if paths.is_remote(path):
+    return sorted(e.name for e in paths.path(path).iterdir()
+                  if not e.name.startswith(".") and e.is_dir())
   return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
 def _images_under(path: str) -> list[str]:
   out = []
-  for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+  walk = ((os.fspath(d), ds, fs) for d, ds, fs in paths.path(path).walk()) if paths.is_remote(
+      path) else os.walk(path, followlinks=True)
+  for dirpath, dirnames, filenames in walk:
     dirnames.sort()
     out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
@@ -191,13 +201,13 @@ def _images_under(path: str) -> list[str]:
 def _scan(root: str, split: str, holdout_fraction: float, holdout_seed: int
           ) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
   """(classes, ((path, label), ...)) for `split` of the image folder at `root`."""
-  if not os.path.isdir(root):
+  if not _isdir(root):
     raise FileNotFoundError(f"image folder root does not exist: {root}")
   names = _SPLIT_DIRS.get(split, (split,))
   split_dir = next((os.path.join(root, s) for s in names
-                    if os.path.isdir(os.path.join(root, s))), None)
+                    if _isdir(os.path.join(root, s))), None)
   known_splits = [s for s in ("train", "val", "validation", "test")
-                  if os.path.isdir(os.path.join(root, s))]
+                  if _isdir(os.path.join(root, s))]
   if split_dir is None and known_splits:
     raise FileNotFoundError(
         f"image folder {root} has split folders {known_splits} but none for split "
@@ -205,7 +215,7 @@ def _scan(root: str, split: str, holdout_fraction: float, holdout_seed: int
 
   # Classes always come from the train folder (or the root) so labels agree across splits.
   class_root = os.path.join(root, "train") if split_dir is not None else root
-  if not os.path.isdir(class_root):
+  if not _isdir(class_root):
     class_root = split_dir
   classes = _class_dirs(class_root)
   if not classes:
@@ -255,7 +265,7 @@ class ImageFolder(Sequence):
 
   def __init__(self, root: str, split: str, *, holdout_fraction: float = 0.1,
                holdout_seed: int = 0):
-    self.root = os.path.abspath(os.path.expanduser(root))
+    self.root = os.fspath(paths.path(root))   # local (absolute) or gs://...
     self.split = split
     self.classes, self._files = _scan(self.root, split, float(holdout_fraction),
                                       int(holdout_seed))
@@ -270,7 +280,7 @@ class ImageFolder(Sequence):
   def __getitem__(self, i):
     path, label = self._files[int(i)]
     try:
-      with open(path, "rb") as f:
+      with (paths.path(path).open("rb") if paths.is_remote(path) else open(path, "rb")) as f:
         data = f.read()
     except OSError as e:
       raise FileNotFoundError(f"cannot read image {path}: {e}") from e

@@ -8,6 +8,7 @@ Arrays (curves, images) are plotted / saved as PNG; metrics.json holds every sca
 short list (non-finite floats as null) and never an image.
 """
 
+import io
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from gae_jax import metrics as metrics_lib
+from gae_jax import paths
 
 
 def _jsonable(x: Any) -> Any:
@@ -38,13 +40,16 @@ def _jsonable(x: Any) -> Any:
 
 def write_metrics(workdir: str, results: dict) -> str:
   path = os.path.join(workdir, "metrics.json")
-  os.makedirs(workdir, exist_ok=True)
   clean = _jsonable({k: v for k, v in results.items() if k != "images"})
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(clean, f, indent=2, allow_nan=False)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(clean, indent=2, allow_nan=False))
   return path
+
+
+def _savefig(fig, path: str) -> None:
+  """fig as a PNG (100 dpi) at `path`, local or remote (gs://...), atomically."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  paths.write_bytes(path, buf.getvalue())
 
 
 def _plt():
@@ -67,7 +72,7 @@ def plot_robustness(path: str, rows: list[dict]) -> str:
     ax.grid(alpha=0.3)
   fig.suptitle("Decoder robustness: D(mu + s * eps)")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)
   plt.close(fig)
   return path
 
@@ -86,7 +91,7 @@ def plot_curve(path: str, x, ys: dict[str, Any], *, xlabel: str, ylabel: str,
   if len(ys) > 1:
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)
   plt.close(fig)
   return path
 
@@ -117,7 +122,7 @@ def _table(rows: list[dict], keys: list[str]) -> list[str]:
 
 def write_report(workdir: str, results: dict) -> dict[str, str]:
   """Writes metrics.json, the PNGs and report.md; returns {name: path}."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   files = {"metrics": write_metrics(workdir, results)}
   md = ["# Evaluation report", ""]
   meta = results.get("meta", {})
@@ -182,8 +187,7 @@ def write_report(workdir: str, results: dict) -> dict[str, str]:
     files[name] = save_image(os.path.join(workdir, f"{name}.png"), img)
     md += [f"![{name}]({name}.png)", ""]
   path = os.path.join(workdir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(md) + "\n")
+  paths.write_text(path, "\n".join(md) + "\n")
   files["report"] = path
   return files
 
@@ -204,10 +208,10 @@ def read_metrics_jsonl(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   sorted ascending. A missing file gives {}; a line that is not JSON raises ValueError
   naming the file and line.
   """
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     return {}
   per_key: dict[str, dict[int, float]] = {}
-  with open(path) as f:
+  with paths.path(path).open("r") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -251,7 +255,7 @@ def plot_training_curves(path: str, panels: list[dict]) -> str:
     if len(p["curves"]) > 1:
       ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)
   plt.close(fig)
   return path
 
@@ -281,7 +285,7 @@ def plot_image_rows(path: str, rows: dict[str, np.ndarray], *, title: str = "",
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)
   plt.close(fig)
   return path
 
@@ -316,6 +320,6 @@ def plot_class_samples(path: str, samples: np.ndarray, class_names: list[str], *
   if title:
     fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _savefig(fig, path)
   plt.close(fig)
   return path

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gae_jax import paths
 from gae_jax import sharding as sharding_lib
 from gae_jax.data import latents as latents_lib
 from gae_jax.data import pipeline
@@ -62,7 +63,7 @@ def _data_config(config, gae_image_size: int) -> ml_collections.ConfigDict:
 
 def _settings(config, data, gae_path: str, n_local: int, process_count: int) -> dict:
   shard = int(config.cache.shard_size)
-  return {"gae": os.path.abspath(gae_path), "source": data.source, "root": data.root,
+  return {"gae": os.fspath(paths.path(gae_path)), "source": data.source, "root": data.root,
           "tfds_name": data.tfds_name, "split": config.cache.split,
           "image_size": int(data.image_size), "augment": bool(config.cache.augment),
           "embedded_length": int(data.embedded_length), "seed": int(config.seed),
@@ -103,7 +104,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.cache.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.cache.dtype={config.cache.dtype!r}: use float32 or bfloat16")
   common.write_config(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   pi, pc = jax.process_index(), jax.process_count()
   gae = pretrained.load_gae(config.gae.init_from)
   data = _data_config(config, gae.config.image_size)
@@ -174,9 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if pi == 0:
     if latent_shape is None:  # everything was done before: read the shape from a record
       first = latents_lib.shard_paths(workdir)[0]
-      rec = latents_lib.decode_record(grain.sources.ArrayRecordDataSource([first])[0])
+      rec = latents_lib.decode_record(
+          grain.sources.ArrayRecordDataSource([paths.local_copy(first)])[0])
       latent_shape = np.shape(rec["latent"])
-    meta = {"gae": os.path.abspath(config.gae.init_from),
+    meta = {"gae": os.fspath(paths.path(config.gae.init_from)),
             "latent_shape": [int(v) for v in latent_shape], "dtype": config.cache.dtype,
             "num_classes": int(pipeline.num_classes(data)), "image_size": size,
             "source": data.source, "split": config.cache.split,

@@ -9,7 +9,6 @@ init or restore -> AOT-compiled step -> loop with metrics, image grids and check
 import json
 import signal
 import threading
-import os
 from typing import Any, Callable
 
 from absl import logging
@@ -24,6 +23,7 @@ import optax
 from gae_jax import checkpoint as ckpt_lib
 from gae_jax import console
 from gae_jax import metrics as metrics_lib
+from gae_jax import paths
 from gae_jax import sharding as sharding_lib
 
 
@@ -192,17 +192,13 @@ def write_config(config, workdir: str):
   """<workdir>/config.json; also starts the run's console record (plan, summary)."""
   console.begin_run(config, workdir)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    paths.write_text(paths.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def write_plan(workdir: str, plan: dict) -> str:
-  path = os.path.join(workdir, "plan.json")
+  path = paths.join(workdir, "plan.json")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(plan, f, indent=2)
+    paths.write_text(path, json.dumps(plan, indent=2))
   return path
 
 
@@ -252,7 +248,7 @@ def layout_state(setup, init_fn: Callable[[], Any]) -> None:
 
 def checkpointer(config, workdir: str):
   """The run's Checkpointer: <workdir>/checkpoints, every config.ckpt_every, keep_ckpts."""
-  return ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+  return ckpt_lib.Checkpointer(paths.join(workdir, "checkpoints"),
                                save_every=config.ckpt_every, keep=config.keep_ckpts)
 
 

@@ -21,6 +21,8 @@ The generator itself (sampler + decode, one jit) is gae_jax/flow/generate.py.
 
 import functools
 import os
+import shutil
+import tempfile
 import time
 import zipfile
 
@@ -31,6 +33,7 @@ import numpy as np
 
 from gae_jax import flow
 from gae_jax import metrics as metrics_lib
+from gae_jax import paths
 from gae_jax import sharding as sharding_lib
 from gae_jax.flow import generate as generate_lib
 from gae_jax.trainers import common
@@ -41,7 +44,9 @@ class NpzWriter:
 
   def __init__(self, path: str, shape: tuple[int, ...]):
     self.path, self.shape, self.written = path, tuple(shape), 0
-    self._tmp = path + ".tmp"
+    # A remote `path` (gs://...) is streamed to a local temporary file, uploaded on close.
+    self._tmp = (os.path.join(tempfile.mkdtemp(prefix="gae_jax_npz_"), "samples.npz")
+                 if paths.is_remote(path) else path + ".tmp")
     self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
     self._f = self._zip.open("arr_0.npy", "w", force_zip64=True)
     np.lib.format.write_array_header_2_0(
@@ -61,7 +66,11 @@ class NpzWriter:
       raise ValueError(f"NpzWriter: wrote {self.written} of {self.shape[0]} images")
     self._f.close()
     self._zip.close()
-    os.replace(self._tmp, self.path)
+    if paths.is_remote(self.path):
+      paths.put_file(self._tmp, self.path)
+      shutil.rmtree(os.path.dirname(self._tmp))
+    else:
+      os.replace(self._tmp, self.path)
 
 
 LABEL_MODES = ("uniform", "random")
@@ -113,9 +122,8 @@ def _resolve_gae(config, dit_path: str) -> str:
   import json  # pylint: disable=g-import-not-at-top
   from gae_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
   cfg_path = os.path.join(dit_path, "config.json")
-  if os.path.isdir(dit_path) and os.path.isfile(cfg_path):
-    with open(cfg_path) as f:
-      cfg = json.load(f)
+  if paths.path(dit_path).is_dir() and paths.path(cfg_path).is_file():
+    cfg = json.loads(paths.path(cfg_path).read_text())
     gae = (cfg.get("gae") or {}).get("init_from")
     cache = (cfg.get("data") or {}).get("cache_dir")
     if not gae and cache:
@@ -164,7 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                total // batch, batch)
   data = sharding_lib.data_sharding(mesh, rules)
   size = gae.config.image_size
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   npz_path = os.path.join(workdir, f"{s.output}.npz")
   writer = NpzWriter(npz_path, (s.num_samples, size, size, 3)) if jax.process_index() == 0 \
       else None
