@@ -93,7 +93,6 @@ def setup() -> Optional[str]:
     if not any(isinstance(f, QuietFilter) for f in handler.filters):
       handler.addFilter(QuietFilter())
     handler.setFormatter(ConsoleFormatter())
-  _run["process_start"] = time.time()
   return compilation_cache()
 
 
@@ -165,7 +164,6 @@ def begin_run(config, workdir: str) -> None:
   """Remembers the run (for the plan and the summary); trainers/common.write_config calls it."""
   _run.update(config=config, workdir=os.fspath(paths.path(workdir)), start=time.time(),
               compile_s=0.0)
-  _run.setdefault("process_start", _run["start"])
 
 
 def module_sizes(params: Any) -> list[tuple[str, int]]:
@@ -274,7 +272,7 @@ def log_summary(*, step: int, start_step: int, metrics: Mapping[str, float],
   """The final lines: what ran, how long, final metrics, and where every output is."""
   workdir = _run.get("workdir")
   now = time.time()
-  wall = now - _run.get("process_start", _run.get("start", now))
+  wall = now - _run.get("start", now)
   comp = _run.get("compile_s", 0.0)
   logging.info("done: steps %d -> %d in %s (compiling %s)", start_step, step,
                fmt_duration(wall), fmt_duration(comp))

@@ -549,11 +549,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def log_keys(config) -> tuple[tuple[str, str], ...]:
   """The progress line's (metric, format): every loss term of the step, then train PSNR.
 
-  rec (= l1_weight * l1 + lpips_weight * lpips) is left to metrics.jsonl; sp only with a
-  teacher / VFM, kl only for the KL-VAE.
+  rec (= l1_weight * l1 + lpips_weight * lpips) is left to metrics.jsonl; g_loss / d_loss
+  only when the GAN starts within the run (before loss.disc_start the discriminator is
+  frozen and g_loss is not in the loss), sp only with a teacher / VFM, kl only for the
+  KL-VAE.
   """
-  keys = [("loss", ".4f"), ("nll", ".4f"), ("l1", ".4f"), ("lpips", ".4f"),
-          ("g_loss", ".3f"), ("d_loss", ".3f")]
+  keys = [("loss", ".4f"), ("nll", ".4f"), ("l1", ".4f"), ("lpips", ".4f")]
+  if config.loss.disc_start < config.total_steps:
+    keys += [("g_loss", ".3f"), ("d_loss", ".3f")]
   if semantic_spec(config) is not None:
     keys.append(("sp", ".4f"))
   if config.model.kl:
