@@ -180,6 +180,8 @@ def _check_mesh_and_batch(config) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from gae_jax import console  # pylint: disable=g-import-not-at-top
+  console.setup()  # quiet library logs unless --verbosity; persistent XLA compilation cache
   from gae_jax import paths  # pylint: disable=g-import-not-at-top
   paths.configure_cloud_storage()  # gs:// via gcsfs; STORAGE_EMULATOR_HOST honoured
   if FLAGS.distributed:
