@@ -56,8 +56,11 @@ flags.DEFINE_integer("sample_steps", 250, "sampling stage: grid points of the sa
 flags.DEFINE_enum("teacher", "auto", ["auto", "dinov2", "vgg16_relu5_3", "none"],
                   "autoencoder stage without config.teacher.init_from: the synthesised "
                   "stage-1 teacher's VFM (auto: DINOv2-L for a 16x16 latent grid).")
-# gae_jax.main requires --workdir; the benchmark writes no workdir.
+# gae_jax.main requires --workdir; the benchmark writes no workdir. Its parser checks a
+# training run's config (validate_training) unless --dry_run: the benchmark trains nothing
+# (the autoencoder stage synthesises the L_sp teacher that check asks for).
 FLAGS.set_default("workdir", "")
+FLAGS.set_default("dry_run", True)
 
 
 # name -> [(label, {config path: value})]; paths with "{model}" resolve per stage.
