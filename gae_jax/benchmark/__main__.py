@@ -216,7 +216,11 @@ def main(argv):
       from gae_jax.benchmark import topology  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       gae_main._fail(f"--topology needs gae_jax/benchmark/topology.py: {e}")  # pylint: disable=protected-access
-    emit(topology.compile_report(config, FLAGS.topology))
+    try:
+      rec = topology.compile_report(config, FLAGS.topology)
+    except (RuntimeError, ValueError) as e:   # no libtpu, unknown topology, bad mesh
+      gae_main._fail(f"--topology={FLAGS.topology}: {e}")  # pylint: disable=protected-access
+    emit(rec)
     return
   if FLAGS.compare_torch:
     try:
