@@ -292,3 +292,111 @@ def test_mp_prefetch_matches_in_process():
     assert _same(_take(it, 2), ref[2:])
   finally:
     it.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Decoding every format / mode, empty classes, unreadable images (issue 10.5).
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+  b = io.BytesIO()
+  img.save(b, fmt, **kw)
+  return b.getvalue()
+
+
+def test_decode_16bit_palette_rgba_cmyk_tif_gif():
+  """16-bit greyscale PNG scaled by 65535/255 (32768 -> 128, 4096 -> 16; PIL's convert
+  would give 255, white); palette with transparency, RGBA (alpha dropped), CMYK, LA, TIFF
+  and GIF all give the expected 8-bit RGB (exact, except CMYK's JPEG: 3 levels)."""
+  grey16 = Image.fromarray(np.array([[32768, 4096], [65535, 0]], np.uint16))
+  data = _encode(grey16, "PNG")
+  assert Image.open(io.BytesIO(data)).mode == "I;16"
+  np.testing.assert_array_equal(np.asarray(transforms.decode_image(data))[..., 0],
+                                [[128, 16], [255, 0]])
+  assert np.asarray(transforms.decode_image(data)).shape == (2, 2, 3)
+  assert np.asarray(transforms.decode_image(_encode(grey16, "TIFF")))[0, 0, 0] == 128
+
+  rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3) * 3
+  rgba = Image.fromarray(np.concatenate([rgb, np.full((4, 6, 1), 7, np.uint8)], -1), "RGBA")
+  np.testing.assert_array_equal(np.asarray(transforms.decode_image(_encode(rgba, "PNG"))), rgb)
+  for fmt in ("TIFF", "BMP", "PNG"):
+    np.testing.assert_array_equal(
+        np.asarray(transforms.decode_image(_encode(Image.fromarray(rgb), fmt))), rgb, fmt)
+
+  pal = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8), "P")
+  pal.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+  want = np.array([[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [0, 255, 0]]], np.uint8)
+  for fmt, kw in (("PNG", {"transparency": 1}), ("GIF", {})):
+    data = _encode(pal, fmt, **kw)
+    assert Image.open(io.BytesIO(data)).mode == "P", fmt
+    np.testing.assert_array_equal(np.asarray(transforms.decode_image(data)), want, fmt)
+
+  cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0))        # pure red
+  got = np.asarray(transforms.decode_image(_encode(cmyk, "JPEG", quality=100))).astype(int)
+  assert np.abs(got - [255, 0, 0]).max() <= 3
+  la = Image.fromarray(np.stack([np.full((2, 2), 90, np.uint8), np.zeros((2, 2), np.uint8)],
+                                -1), "LA")
+  np.testing.assert_array_equal(np.asarray(transforms.decode_image(_encode(la, "PNG"))), 90)
+
+
+def test_folder_lists_every_pil_format_and_empty_class_is_an_error(tmp_path):
+  """.tif/.tiff/.gif classes count (IMAGE_EXTENSIONS comes from PIL); a class folder with
+  no image file is a ValueError naming that folder, in both layouts."""
+  assert {".tif", ".tiff", ".gif", ".jpg", ".png", ".webp"} <= set(sources.IMAGE_EXTENSIONS)
+  img = Image.fromarray(np.full((40, 40, 3), 100, np.uint8))
+  root = tmp_path / "fmt"
+  for cls, ext in (("a", ".tif"), ("b", ".TIFF"), ("c", ".gif")):
+    (root / cls).mkdir(parents=True)
+    img.save(root / cls / f"0{ext}")
+  src = sources.ImageFolder(str(root), "train", holdout_fraction=0.0)
+  assert src.classes == ("a", "b", "c") and len(src) == 3
+  assert [int(src[i]["label"]) for i in range(3)] == [0, 1, 2]
+  assert src[0]["image"].shape == (40, 40, 3) and src[0]["image"].dtype == np.uint8
+  (root / "d").mkdir()
+  (root / "d" / "readme.txt").write_text("not an image")
+  sources._scan.cache_clear()
+  with pytest.raises(ValueError, match=f"class folder {root / 'd'} has no image files"):
+    sources.ImageFolder(str(root), "train")
+  split = tmp_path / "split"
+  for s in ("train", "val"):
+    (split / s / "a").mkdir(parents=True)
+    img.save(split / s / "a" / "0.png")
+  (split / "train" / "b").mkdir()
+  img.save(split / "train" / "b" / "0.png")
+  (split / "val" / "b").mkdir()
+  with pytest.raises(ValueError, match=f"class folder {split / 'val' / 'b'} has no image"):
+    sources.ImageFolder(str(split), "val")
+
+
+def test_bad_images_skipped_then_fraction_stops(tmp_path):
+  """A truncated and a garbage file among 10: skipped (logged, counted in .bad), the record
+  becomes the next readable file, deterministic; over max_bad_fraction -> ValueError listing
+  the bad paths. Through the pipeline the run stops with the file named."""
+  root = tmp_path / "imgs"
+  (root / "a").mkdir(parents=True)
+  for k in range(8):
+    Image.fromarray(np.full((8, 8, 3), 10 * k, np.uint8)).save(root / "a" / f"{k}.png")
+  full = _encode(Image.fromarray(np.full((64, 64, 3), 5, np.uint8)), "JPEG")
+  (root / "a" / "3b_truncated.jpg").write_bytes(full[:len(full) // 2])
+  (root / "a" / "5b_garbage.png").write_bytes(b"\x89PNG not really" * 4)
+  src = sources.ImageFolder(str(root), "train", holdout_fraction=0.0, max_bad_fraction=0.2)
+  names = [os.path.basename(src.path(i)) for i in range(len(src))]
+  i_trunc, i_garb = names.index("3b_truncated.jpg"), names.index("5b_garbage.png")
+  recs = [src[i] for i in range(len(src))]
+  assert os.path.basename(recs[i_trunc]["name"]) == names[i_trunc + 1]
+  assert os.path.basename(recs[i_garb]["name"]) == names[i_garb + 1]
+  assert sorted(map(os.path.basename, src.bad)) == ["3b_truncated.jpg", "5b_garbage.png"]
+  np.testing.assert_array_equal(src[i_trunc]["image"], recs[i_trunc]["image"])
+
+  strict = sources.ImageFolder(str(root), "train", holdout_fraction=0.0,
+                               max_bad_fraction=0.1)   # 1 of 10 allowed, 2 found
+  with pytest.raises(ValueError, match=r"2 unreadable images exceed "
+                                       r"data.max_bad_fraction=0.1 of 10 .*3b_truncated.jpg, "
+                                       r".*5b_garbage.png"):
+    for i in range(len(strict)):
+      strict[i]
+  c = _cfg(source="folder", root=str(root), max_bad_fraction=0.0)
+  with pytest.raises(ValueError, match=r"1 unreadable images exceed data.max_bad_fraction=0.0"
+                                       r" of 9 .*(3b_truncated.jpg|5b_garbage.png)"):
+    for _ in _it(c, batch_size=2, shuffle=False, repeat=False):   # 9: the 0.1 holdout
+      pass

@@ -37,6 +37,9 @@ def default_data_config() -> ml_collections.ConfigDict:
       root="",
       folder_holdout_fraction=0.1,  # root/<class>/* layout only: per-class share held out
       folder_holdout_seed=0,
+      # folder: unreadable / corrupt images are skipped and logged; more than this share of
+      # the split's files -> the run stops listing them (sources.ImageFolder).
+      max_bad_fraction=0.001,
       tfds_name="imagenet2012",
       tfds_data_dir="",           # "" (or None) = TFDS default (~/tensorflow_datasets)
       # Train-split augmentation (folder/tfds): "adm_center" (guided-diffusion
@@ -83,7 +86,8 @@ def make_source(data_config, split: str):
     return sources.ImageFolder(
         data_config.root, split,
         holdout_fraction=_get(data_config, "folder_holdout_fraction", 0.1),
-        holdout_seed=_get(data_config, "folder_holdout_seed", 0))
+        holdout_seed=_get(data_config, "folder_holdout_seed", 0),
+        max_bad_fraction=_get(data_config, "max_bad_fraction", 0.001))
   return sources.TfdsSource(data_config.tfds_name, split, data_config.tfds_data_dir or None)
 
 

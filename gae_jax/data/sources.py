@@ -21,6 +21,7 @@ import threading
 from absl import logging
 import numpy as np
 from PIL import Image
+from PIL import ImageFile
 
 from gae_jax import paths
 from gae_jax.data import transforms
@@ -170,7 +171,21 @@ class EmbeddedPhotos(Sequence):
 # ------------------------------------------------------------------------------------------
 # Image folder.
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+def _readable_extensions() -> tuple[str, ...]:
+  """Every file extension PIL can open (Image.registered_extensions(), lower case), less
+  the stub formats that need an external handler (BUFR, GRIB, HDF5)."""
+  Image.init()
+  def real(fmt):
+    factory = Image.OPEN.get(fmt, (None,))[0]
+    return factory is not None and not (isinstance(factory, type)
+                                        and issubclass(factory, ImageFile.StubImageFile))
+  return tuple(sorted({e.lower() for e, fmt in Image.registered_extensions().items()
+                       if fmt in Image.OPEN and real(fmt)}))
+
+
+IMAGE_EXTENSIONS = _readable_extensions()   # .jpg .png .tif .tiff .gif .webp .bmp ...
+_EXT_SUMMARY = (f"any of the {len(IMAGE_EXTENSIONS)} extensions PIL reads, "
+                "e.g. .jpg .png .tif .gif")
 _SPLIT_DIRS = {"train": ("train",), "val": ("val", "validation"),
                "validation": ("validation", "val"), "test": ("test",)}
 
@@ -229,7 +244,11 @@ def _scan(root: str, split: str, holdout_fraction: float, holdout_seed: int
       if c not in label_of:
         raise ValueError(f"class folder {os.path.join(split_dir, c)} is not among the "
                          f"{len(classes)} classes of {class_root}")
-      files.extend((f, label_of[c]) for f in _images_under(os.path.join(split_dir, c)))
+      imgs = _images_under(os.path.join(split_dir, c))
+      if not imgs:
+        raise ValueError(f"class folder {os.path.join(split_dir, c)} has no image files "
+                         f"({_EXT_SUMMARY})")
+      files.extend((f, label_of[c]) for f in imgs)
     where = split_dir
   else:  # root/<class>/*, fixed seeded holdout for val
     if split not in ("train", "val", "validation"):
@@ -240,6 +259,9 @@ def _scan(root: str, split: str, holdout_fraction: float, holdout_seed: int
     files = []
     for label, c in enumerate(classes):
       imgs = _images_under(os.path.join(root, c))
+      if not imgs:
+        raise ValueError(f"class folder {os.path.join(root, c)} has no image files "
+                         f"({_EXT_SUMMARY})")
       n_val = min(len(imgs) - 1, math.ceil(holdout_fraction * len(imgs))) if imgs else 0
       perm = np.random.default_rng([holdout_seed, label]).permutation(len(imgs))
       held = set(perm[:n_val].tolist())
@@ -247,7 +269,7 @@ def _scan(root: str, split: str, holdout_fraction: float, holdout_seed: int
       files.extend((imgs[k], label) for k in keep)
     where = f"{root} ({split} holdout)"
   if not files:
-    raise ValueError(f"no images ({'|'.join(IMAGE_EXTENSIONS)}) found in {where}")
+    raise ValueError(f"no images ({_EXT_SUMMARY}) found in {where}")
   return tuple(classes), tuple(files)
 
 
@@ -255,21 +277,33 @@ class ImageFolder(Sequence):
   """PyTorch ImageFolder layout; classes = sorted subfolder names.
 
   Layouts, tried in order:
-    root/<split>/<class>/**/*.{jpg,jpeg,png,bmp,webp}   ("val" also finds root/validation)
+    root/<split>/<class>/**/*.<ext>   ("val" also finds root/validation; <ext>: every
+      format PIL reads, IMAGE_EXTENSIONS, case-insensitive)
     root/<class>/**/*  (no split folders): "train" and "val" are a fixed seeded holdout,
       per class ceil(holdout_fraction * n) images (at most n - 1) go to val.
-  Classes always come from root/train (or root), so labels agree between splits.
-  Records carry the encoded file bytes; decoding (and its error naming the file) happens
-  in the pipeline's map.
+  Classes always come from root/train (or root), so labels agree between splits. A class
+  folder without any image file is an error naming it.
+
+  Records carry the decoded uint8 HWC RGB image (transforms.decode_image). An unreadable
+  or undecodable (corrupt, truncated) file is skipped: it is logged with its path and
+  counted, and record i becomes the next readable file (i+1, i+2, ... cyclically, with
+  that file's label), so the stream stays a pure function of the index. Once more than
+  `max_bad_fraction` of the files were found bad in this process (0: the first one),
+  reading raises ValueError listing them. Raises FileNotFoundError / ValueError on a bad layout.
   """
 
   def __init__(self, root: str, split: str, *, holdout_fraction: float = 0.1,
-               holdout_seed: int = 0):
+               holdout_seed: int = 0, max_bad_fraction: float = 0.001):
     self.root = os.fspath(paths.path(root))   # local (absolute) or gs://...
     self.split = split
     self.classes, self._files = _scan(self.root, split, float(holdout_fraction),
                                       int(holdout_seed))
     self.num_classes = len(self.classes)
+    if not 0.0 <= max_bad_fraction < 1.0:
+      raise ValueError(f"data.max_bad_fraction={max_bad_fraction} must be in [0, 1)")
+    self.max_bad_fraction = float(max_bad_fraction)
+    self.bad: dict[str, str] = {}   # path -> reason, found by this process
+    self._bad_lock = threading.Lock()
 
   def __len__(self) -> int:
     return len(self._files)
@@ -277,14 +311,41 @@ class ImageFolder(Sequence):
   def path(self, i: int) -> str:
     return self._files[i][0]
 
-  def __getitem__(self, i):
-    path, label = self._files[int(i)]
+  def _read(self, path: str) -> np.ndarray:
     try:
       with (paths.path(path).open("rb") if paths.is_remote(path) else open(path, "rb")) as f:
         data = f.read()
     except OSError as e:
       raise FileNotFoundError(f"cannot read image {path}: {e}") from e
-    return {"image": data, "label": np.int32(label), "name": path}
+    return np.asarray(transforms.decode_image(data, path))
+
+  def _skip(self, path: str, error: Exception) -> None:
+    with self._bad_lock:
+      if path in self.bad:
+        return
+      self.bad[path] = f"{type(error).__name__}: {error}"
+      n, limit = len(self.bad), self.max_bad_fraction * len(self._files)
+      logging.warning("image folder %s: skipping unreadable image %s (%s); %d bad so far",
+                      self.root, path, error, n)
+      if n > limit:
+        shown = sorted(self.bad)
+        more = f" (+{len(shown) - 20} more)" if len(shown) > 20 else ""
+        raise ValueError(
+            f"image folder {self.root} [{self.split}]: {n} unreadable images exceed "
+            f"data.max_bad_fraction={self.max_bad_fraction} of {len(self._files)} "
+            f"(at most {math.floor(limit)}): {', '.join(shown[:20])}{more}")
+
+  def __getitem__(self, i):
+    n = len(self._files)
+    for k in range(n):
+      path, label = self._files[(int(i) + k) % n]
+      try:
+        image = self._read(path)
+      except (OSError, ValueError) as e:
+        self._skip(path, e)
+        continue
+      return {"image": image, "label": np.int32(label), "name": path}
+    raise ValueError(f"image folder {self.root} [{self.split}]: no readable image")
 
 
 # ------------------------------------------------------------------------------------------

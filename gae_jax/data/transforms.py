@@ -18,8 +18,41 @@ from PIL import Image
 CROPS = ("adm_center", "random", "random_scale")
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+  """Any PIL mode -> 8-bit RGB.
+
+  * 16-/32-bit greyscale ("I;16", "I;16B", "I;16L", "I", "F"): scaled by the true range of
+    the type, not clipped (PIL's own convert clips at 255: a 16-bit PNG would turn white):
+    I;16* -> v / 257 (65535 -> 255); "I" -> v / 257 when its values fit 16 bits (16-bit
+    files often open as "I"), else by its maximum; "F" -> v * 255 when in [0, 1], else
+    as "I". Rounded, clipped to [0, 255], replicated to 3 channels.
+  * palette ("P", "PA"): through RGBA when it carries transparency (no PIL warning), then
+    as RGBA.
+  * RGBA / LA / other alpha: the alpha channel is dropped (the colour values are kept), as
+    torchvision's ImageFolder and guided-diffusion's `center_crop_arr` (`convert("RGB")`).
+  * CMYK, YCbCr, LAB, HSV, L, 1: PIL's convert("RGB").
+  """
+  mode = img.mode
+  if mode.startswith("I;16") or mode in ("I", "F"):
+    arr = np.asarray(img, dtype=np.float64)
+    if mode == "F" and arr.size and np.nanmin(arr) >= 0 and np.nanmax(arr) <= 1.0:
+      arr = arr * 255.0
+    elif mode.startswith("I;16") or (arr.size and np.nanmax(arr) <= 65535):
+      arr = arr / 257.0
+    elif arr.size:
+      arr = arr * (255.0 / np.nanmax(arr))
+    grey = np.clip(np.round(np.nan_to_num(arr)), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+  if mode in ("P", "PA"):
+    img = img.convert("RGBA" if (mode == "PA" or "transparency" in img.info) else "RGB")
+  if img.mode != "RGB":
+    img = img.convert("RGB")
+  return img
+
+
 def decode_image(data, name: str = "<bytes>") -> Image.Image:
-  """Bytes (encoded JPEG/PNG/...), a uint8 HWC array or a PIL image -> RGB PIL image.
+  """Bytes (any format PIL reads), a uint8 HW/HWC array or a PIL image -> RGB PIL image
+  (to_rgb: greyscale, 16-bit, palette, RGBA, CMYK converted; multi-frame files: frame 0).
 
   Raises ValueError naming `name` when the bytes cannot be decoded (corrupt/truncated file).
   """
@@ -36,9 +69,7 @@ def decode_image(data, name: str = "<bytes>") -> Image.Image:
       img.load()  # decode now so a truncated file fails here, not later
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
       raise ValueError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
-  if img.mode != "RGB":  # grayscale, CMYK, RGBA, palette (ImageNet has a few of each)
-    img = img.convert("RGB")
-  return img
+  return to_rgb(img)  # grayscale, CMYK, RGBA, palette (ImageNet has a few of each), 16-bit
 
 
 def _as_pil(img) -> Image.Image:
