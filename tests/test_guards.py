@@ -127,6 +127,23 @@ def test_divergence_stops_and_keeps_last_finite_checkpoint(flow_setup, tmp_path)
                jax.device_get(ref.params))
 
 
+def test_checkpoint_without_skip_counters_restores(flow_setup, tmp_path):
+  """A checkpoint written before the counters existed resumes: counters start at 0, the
+  rest is restored exactly."""
+  s, _ = flow_setup
+  legacy = s.init_state().replace(skipped_run=None, skipped_total=None)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), save_every=1)
+  ckpt.save(1, legacy, force=True)
+  ckpt.close()
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), save_every=1)
+  state = common.restore_or_init(ckpt, s.abstract_state, None, s.init_state, 10)
+  ckpt.close()
+  assert (int(state.skipped_run), int(state.skipped_total)) == (0, 0)
+  assert state.skipped_run.sharding == s.abstract_state.skipped_run.sharding
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params),
+               jax.device_get(legacy.params))
+
+
 def test_sp_weight_without_teacher_is_an_error():
   c = configs_lib.autoencoder_config("runlocal", latent_dim=8)
   assert c.loss.sp_weight > 0 and not c.teacher.init_from

@@ -252,6 +252,22 @@ def checkpointer(config, workdir: str):
                                save_every=config.ckpt_every, keep=config.keep_ckpts)
 
 
+def _restore_with_legacy_counters(ckpt, step: int, abstract_state, train_iter):
+  """ckpt.restore; a checkpoint written before the skip counters existed (no skipped_run /
+  skipped_total entries) restores the rest and starts both counters at 0."""
+  saved = ckpt_lib.metadata_tree(ckpt.directory, step)
+  if (not isinstance(saved, dict) or saved.get("skipped_run") is not None
+      or not isinstance(abstract_state, TrainState)):
+    return ckpt.restore(abstract_state, train_iter)
+  state = ckpt.restore(abstract_state.replace(skipped_run=None, skipped_total=None),
+                       train_iter)
+  zero = lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding)
+  logging.info("checkpoint %s/%d predates the non-finite skip counters: they start at 0",
+               ckpt.directory, step)
+  return state.replace(skipped_run=zero(abstract_state.skipped_run),
+                       skipped_total=zero(abstract_state.skipped_total))
+
+
 def restore_or_init(ckpt, abstract_state, train_iter, init_fn: Callable[[], Any],
                     total_steps: int):
   """The latest checkpoint (state + data iterator) or `init_fn()`; None when already done.
@@ -265,7 +281,7 @@ def restore_or_init(ckpt, abstract_state, train_iter, init_fn: Callable[[], Any]
   console.log_plan(params=abstract_state.params, mesh=mesh, total_steps=total_steps,
                    start_step=latest or 0)
   if latest is not None:
-    state = ckpt.restore(abstract_state, train_iter)
+    state = _restore_with_legacy_counters(ckpt, latest, abstract_state, train_iter)
   else:
     with console.compiling("init", starting="initialising the train state",
                            done="train state initialised"):
