@@ -121,7 +121,8 @@ def kl_loss(mean: jax.Array, logvar: jax.Array, reduction: str = "mean") -> jax.
            DiagonalGaussianDistribution.kl() is element-wise (sii-research/GAE
            tokenizer/utils/sample/ldm_vae.py, no sum) and LPIPSWithDiscriminator.forward
            takes `torch.mean` of both the nll and the kl (tokenizer/utils/loss/
-           contperceptual.py); the paper's Tab. 7 KL-VAE uses kl_weight 0.1 with it (Sec. 4.4).
+           contperceptual.py). The paper's Tab. 7 KL weight 0.1 (Sec. 5.4.3) is read on
+           this reduction (the KL run itself is not released).
     'sum'  the sum over the latent elements of each image, mean over the batch: CompVis
            latent-diffusion's DiagonalGaussianDistribution.kl() (ldm/modules/distributions/
            distributions.py, sum over dims [1, 2, 3]) and `torch.sum(kl) / batch` in
