@@ -161,6 +161,19 @@ def cost_report(compiled, n_devices: int) -> dict:
   return out
 
 
+def _with_peak(cost: dict, info: dict, compute_dtype: str) -> dict:
+  """Adds the chip's peak (benchmark/peaks.py) and the compiler estimate's share of it."""
+  from gae_jax.benchmark import peaks  # pylint: disable=g-import-not-at-top
+  peak, column = peaks.peak_for(info["device_kind"], compute_dtype)
+  if peak:
+    cost["peak_tflops_per_chip"] = round(peak / 1e12, 1)
+    cost["peak_column"] = column
+    if cost.get("estimated_step_s") and cost.get("flops_per_device"):
+      per_chip = cost["flops_per_device"] * info["devices_per_chip"] / cost["estimated_step_s"]
+      cost["estimated_fraction_of_peak"] = round(per_chip / peak, 3)
+  return cost
+
+
 def _tpu_config(config):
   """A copy of `config` whose compute dtype holds on a CPU host (see module docstring)."""
   c = copy.deepcopy(config)
@@ -305,7 +318,7 @@ def compile_report(config, topology_name: str, *, semantic: bool = True,
       "params_total": int(sum(params.values())),
       **notes,
       "memory": memory_report(compiled, info["hbm_gib_per_device"]),
-      "cost": cost_report(compiled, len(devices)),
+      "cost": _with_peak(cost_report(compiled, len(devices)), info, str(config.compute_dtype)),
       "collectives": count_collectives(text),
       "compile_s": round(dt, 1),
       "jax": jax.__version__,
@@ -339,6 +352,8 @@ def format_report(r: dict) -> str:
   if "flops_per_device" in c:
     est = (f", compiler's step estimate {c['estimated_step_s'] * 1e3:.1f} ms"
            if "estimated_step_s" in c else "")
+    if "estimated_fraction_of_peak" in c:
+      est += f" = {100 * c['estimated_fraction_of_peak']:.0f}% of the chip's peak"
     lines.append(f"  {c['flops_per_device'] / 1e12:.2f} TFLOP per device per step "
                  f"({c['flops_total'] / 1e15:.2f} PFLOP total){est}")
   lines.append("  collectives: " + ", ".join(f"{k} {v}" for k, v in col.items()))
