@@ -136,3 +136,58 @@ def test_report_figures(tmp_path):
       {"title": "t", "curves": {"x": (np.arange(3), np.ones(3))}},
       {"title": "empty", "curves": {}}])
   assert os.path.getsize(path) > 0
+
+
+def test_config_diff_names_changed_added_and_missing_fields(tmp_path):
+  c = demo.demo_config("tiny").dit
+  path = str(tmp_path / "config.json")
+  assert demo.config_diff(c, path) == []                      # no config.json yet
+  saved = json.loads(c.to_json_best_effort())
+  saved["optim"]["lr"] = 123.0
+  saved["old_field"] = 1
+  del saved["seed"]
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  assert demo.config_diff(c, path) == ["old_field", "optim.lr", "seed"]
+
+
+def test_rerun_logic_with_recording_trainers(tmp_path, monkeypatch):
+  """Orchestration only: each trainer is replaced by one that records the call and writes
+  the outputs `output_signature` looks for."""
+  calls = []
+
+  def recording(key):
+    def train_and_evaluate(cfg, d):
+      calls.append(key)
+      os.makedirs(d, exist_ok=True)
+      if key in demo.TRAINING_STAGES:
+        os.makedirs(os.path.join(d, "checkpoints", str(cfg.total_steps)), exist_ok=True)
+      else:
+        name = {"cache": "manifest.json", "sample": "samples.npz", "eval": "metrics.json"}
+        with open(os.path.join(d, name[key]), "w") as f:
+          f.write(key + "x" * len(calls))     # sizes differ: signatures change
+    return type("Trainer", (), {"train_and_evaluate": staticmethod(train_and_evaluate)})
+
+  trainers = {s.trainer: recording(s.key) for s in demo.STAGES}
+  monkeypatch.setattr(demo, "trainer_module", trainers.__getitem__)
+  monkeypatch.setattr(demo, "write_report", lambda config, w, *a: {
+      "report": os.path.join(w, "report.md"), "metrics": os.path.join(w, "metrics.json")})
+  w = str(tmp_path)
+  keys = [s.key for s in demo.STAGES]
+  config = demo.demo_config("tiny")
+
+  out = demo.train_and_evaluate(config, w)
+  assert calls == keys and all(v["status"] == "ran" for v in out["stages"].values())
+  calls.clear()
+  assert demo.train_and_evaluate(config, w) and calls == []          # everything done
+  # A longer DiT: the DiT resumes, samples and evaluation (stale inputs) run again.
+  config.dit.total_steps = 4
+  out = demo.train_and_evaluate(config, w)
+  assert calls == ["dit", "sample", "eval"]
+  assert out["stages"]["gae"]["status"] == "reused"
+  calls.clear()
+  # A longer GAE: the cache built from the old one is not silently reused.
+  config.gae.total_steps = 4
+  with pytest.raises(demo.StaleStageError, match=r"stage 3/6 latent cache: .*3_latents.* gae"):
+    demo.train_and_evaluate(config, w)
+  assert calls == ["gae"]

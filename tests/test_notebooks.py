@@ -85,6 +85,12 @@ def test_demo_runs_every_stage_and_writes_a_readable_report(demo_run):
   row = next(line for line in report.splitlines() if line.startswith("| GAE: PSNR"))
   assert abs(float(row.split("|")[2]) - psnr0) < 1e-3 * abs(psnr0)
   assert all(f"| {i} | {s.title} |" in report for i, s in enumerate(demo.STAGES, 1))
+  with open(os.path.join(workdir, "metrics.json")) as f:
+    summary = json.load(f)
+  assert summary["tiny"] and summary["metrics"]["GAE: PSNR (dB)"] == pytest.approx(psnr0)
+  assert summary["metrics"]["samples: FID"] is None        # tiny: no Inception
+  assert {k: v["status"] for k, v in summary["stages"].items()} == {
+      s.key: "ran" for s in demo.STAGES}
 
 
 def test_demo_rerun_reuses_finished_stages(demo_run):
@@ -92,14 +98,20 @@ def test_demo_rerun_reuses_finished_stages(demo_run):
   report = os.path.join(workdir, "report.md")
   before = os.stat(report).st_mtime_ns
   lines = []
-  out = demo.train_and_evaluate(demo.demo_config("tiny"), workdir, echo=lines.append)
+  config = demo.demo_config("tiny")
+  config.sample.sample.seed = 7       # a finished stage's outputs exist: reused, diff named
+  out = demo.train_and_evaluate(config, workdir, echo=lines.append)
   assert {k: v["status"] for k, v in out["stages"].items()} == {
       s.key: "reused" for s in demo.STAGES}
   assert sum("done earlier" in line for line in lines) == len(demo.STAGES)
   assert os.stat(report).st_mtime_ns == before      # nothing ran: the report stands
+  cfgs = demo.stage_configs(config, workdir)
+  assert demo.config_diff(cfgs["sample"], os.path.join(workdir, "5_samples",
+                                                       "config.json")) == ["sample.seed"]
+  assert demo.config_diff(cfgs["dit"], os.path.join(workdir, "4_dit", "config.json")) == []
 
 
-def test_demo_refuses_a_stage_built_from_changed_upstream_outputs(demo_run):
+def test_demo_refuses_a_training_stage_built_from_changed_upstream_outputs(demo_run):
   workdir, _ = demo_run
   path = os.path.join(workdir, "4_dit", demo.MARKER)
   with open(path) as f:

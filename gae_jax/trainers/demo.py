@@ -14,19 +14,23 @@ writing into its own subdirectory of the workdir:
   4 dit           4_dit/      configs/dit_xl_gae32_80ep.py:runlocal,cache=3_latents
   5 samples       5_samples/  configs/dit_xl_gae32_80ep.py:sample,runlocal,ckpt=4_dit
   6 evaluation    6_eval/     configs/eval_reconstruction.py:runlocal,gae=2_gae with kinds
-                              reconstruction, robustness and generation (of 5_samples)
+                              robustness (its s = 0 row is the reconstruction metrics) and
+                              generation (FID / precision / recall of 5_samples)
 
 then `report.md` and its PNGs in the workdir (`write_report`: reconstructions, samples per
 class, training curves, metrics table, robustness curve), readable without the code.
 
-A stage is done when its outputs exist (training: a checkpoint at total_steps; cache:
-manifest.json; samples: the .npz; evaluation: metrics.json) and its `demo_stage.json`
-records the same stage config and the same upstream outputs. A rerun skips done stages and
-hands unfinished ones to their trainer, which resumes by its own logic (checkpoint + data
-iterator, finished cache shards). A stage whose upstream changed after it finished (say
-`--config.gae.total_steps=240` on a finished demo) is not silently reused: its trainer would
-find its old outputs finished, so the run stops with one line naming the directory to delete.
-Every log line of a stage is prefixed "[stage i/6 name | elapsed]".
+A stage is done when its outputs exist (training: a checkpoint at total_steps, the
+trainers' own "nothing to do" rule; cache: manifest.json; samples: the .npz; evaluation:
+metrics.json). A rerun skips done stages and hands unfinished ones to their trainer, which
+resumes by its own logic (checkpoint + data iterator, finished cache shards). So raising a
+trainer's total_steps continues it; other setting changes of a finished stage are reported
+(the fields that differ from its config.json) and need its directory deleted. Each finished
+stage records in `demo_stage.json` the outputs of the stages it read; when those changed
+since (a GAE trained further), samples and evaluation run again, while a training or cache
+stage (whose trainer would see its old outputs as finished) stops the run with one line
+naming the directory to delete. Every log line of a stage is prefixed
+"[stage i/6 name | elapsed]".
 """
 
 import contextlib
@@ -221,6 +225,28 @@ def output_signature(stage: Stage, config, workdir: str) -> Optional[str]:
   return _file_sig(os.path.join(workdir, "metrics.json"))
 
 
+def config_diff(config: ml_collections.ConfigDict, path: str) -> list[str]:
+  """Dotted keys whose values differ between `config` and the JSON config at `path`
+  (a trainer's config.json); [] when equal or when `path` does not exist."""
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    saved = json.load(f)
+  now = json.loads(config.to_json_best_effort())
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[f"{prefix}{k}"] = v
+    return out
+
+  a, b = flat(now), flat(saved)
+  return sorted(k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>"))
+
+
 def read_marker(workdir: str) -> Optional[dict]:
   path = os.path.join(workdir, MARKER)
   if not os.path.isfile(path):
@@ -273,6 +299,11 @@ def log_prefix(tag: str, t0: float) -> Iterator[None]:
 # Stage.
 
 
+def trainer_module(name: str):
+  """The stage's trainer module (the one gae_jax.main runs for its config.stage)."""
+  return importlib.import_module(name)
+
+
 def plan(config) -> dict:
   """--dry_run: the stages, their trainers, workdirs and sizes (nothing is built)."""
   out = {"stage": "demo", "tiny": bool(config.tiny), "stages": []}
@@ -312,16 +343,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     marker = read_marker(d)
     sig = output_signature(s, cfg, d)
     with log_prefix(tag, t0):
-      if (marker is not None and sig is not None and marker.get("config") == fp
-          and marker.get("inputs") == inputs):
-        logging.info("done (%s, %.0fs when it ran): skipping %s", sig, marker["seconds"], d)
-        say(f"[{tag}] done earlier ({_elapsed(marker['seconds'])}): reusing {d}")
+      stale = marker is not None and marker.get("inputs") != inputs
+      if sig is not None and not stale:
+        seconds = float(marker["seconds"]) if marker else 0.0
+        logging.info("done earlier (%s): reusing %s", _elapsed(seconds), d)
+        say(f"[{tag}] done earlier ({_elapsed(seconds)}): reusing {d}")
+        diff = config_diff(cfg, os.path.join(d, "config.json"))
+        if diff:
+          logging.info("its config.json differs from this run's config in %s; delete %s to "
+                       "redo the stage with the new settings", ", ".join(diff[:6]) +
+                       (f" and {len(diff) - 6} more" if len(diff) > 6 else ""), d)
+        if marker is None:      # finished outside the demo (or before its marker was written)
+          _write_json(os.path.join(d, MARKER), {
+              "stage": s.key, "config": fp, "inputs": inputs, "outputs": sig,
+              "seconds": 0.0, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         sigs[s.key] = sig
-        statuses[s.key] = {"status": "reused", "seconds": marker["seconds"],
-                           "subdir": s.subdir}
+        statuses[s.key] = {"status": "reused", "seconds": seconds, "subdir": s.subdir}
         continue
-      if (marker is not None and sig is not None and marker.get("inputs") != inputs
-          and s.key in TRAINING_STAGES + ("cache",)):
+      if stale and sig is not None and s.key in TRAINING_STAGES + ("cache",):
         changed = [k for k in s.inputs if (marker.get("inputs") or {}).get(k) != inputs[k]]
         raise StaleStageError(
             f"{tag}: {d} was built from older outputs of {', '.join(changed)}; delete {d} "
@@ -329,25 +368,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("running %s -> %s", s.trainer, d)
       say(f"[{tag}] running {s.trainer} -> {d}")
       start = time.perf_counter()
-      importlib.import_module(s.trainer).train_and_evaluate(cfg, d)
+      trainer_module(s.trainer).train_and_evaluate(cfg, d)
       seconds = time.perf_counter() - start
       sig = output_signature(s, cfg, d)
       if sig is None:
         raise RuntimeError(f"{tag}: {s.trainer} returned but its outputs are incomplete "
                            f"in {d}")
+      if marker is not None and marker.get("outputs") == sig:
+        # The trainer found its outputs finished ("nothing to do"): they took the old time.
+        seconds = float(marker["seconds"])
       _write_json(os.path.join(d, MARKER), {
           "stage": s.key, "config": fp, "inputs": inputs, "outputs": sig,
           "seconds": round(seconds, 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-      logging.info("finished in %s", _elapsed(seconds))
-      say(f"[{tag}] finished in {_elapsed(seconds)}")
+      logging.info("finished in %s", _elapsed(time.perf_counter() - start))
+      say(f"[{tag}] finished in {_elapsed(time.perf_counter() - start)}")
     sigs[s.key] = sig
     statuses[s.key] = {"status": "ran", "seconds": round(seconds, 2), "subdir": s.subdir}
   ran = sum(v["status"] == "ran" for v in statuses.values())
   report = os.path.join(workdir, "report.md")
-  if ran or not os.path.isfile(report):
+  if jax.process_index() == 0 and (ran or not os.path.isfile(report)):
     with log_prefix("report", t0):
       files = write_report(config, workdir, cfgs, statuses)
-      logging.info("wrote %s (%d figures)", files["report"], len(files) - 1)
+      logging.info("wrote %s, %s and %d figures", files["report"], files["metrics"],
+                   len(files) - 2)
   else:
     files = {"report": report}
   total = time.perf_counter() - t0
@@ -402,8 +445,9 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def write_report(config, workdir: str, cfgs: dict, statuses: dict) -> dict[str, str]:
-  """report.md + reconstructions.png, samples_per_class.png, training_curves.png,
-  robustness.png in `workdir`, from the stages' files on disk; returns {name: path}."""
+  """report.md, metrics.json (stage times + the metrics table) and reconstructions.png,
+  samples_per_class.png, training_curves.png, robustness.png in `workdir`, all from the
+  stages' files on disk (process 0 calls it); returns {name: path}."""
   from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
   from gae_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from gae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -563,9 +607,12 @@ def write_report(config, workdir: str, cfgs: dict, statuses: dict) -> dict[str, 
          "Running the same command again reuses finished stages and resumes an "
          "interrupted one; to redo a stage, delete its directory and the later ones.", ""]
   path = os.path.join(workdir, "report.md")
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write("\n".join(md) + "\n")
+  with open(path, "w") as f:
+    f.write("\n".join(md) + "\n")
   files["report"] = path
+  # The same numbers for scripts: stage times and the metrics table (missing -> null).
+  files["metrics"] = rep.write_metrics(workdir, {
+      "tiny": bool(config.tiny), "stages": statuses,
+      "metrics": {name: v for name, v, _, _ in metric_rows}})
   return files
 
