@@ -400,3 +400,31 @@ def test_bad_images_skipped_then_fraction_stops(tmp_path):
                                        r" of 9 .*(3b_truncated.jpg|5b_garbage.png)"):
     for _ in _it(c, batch_size=2, shuffle=False, repeat=False):   # 9: the 0.1 holdout
       pass
+
+
+def test_content_fingerprints_change_with_the_data(tmp_path):
+  """Caches derived from data are keyed on content: the folder fingerprint (and so the FID
+  reference key) changes when an image is added; path_fingerprint when a file changes;
+  both are stable otherwise."""
+  from gae_jax.evaluation import generation  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "imgs"
+  for cls in ("a", "b"):
+    (root / "val" / cls).mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "val" / cls / "0.png")
+  c = _cfg(source="folder", root=str(root))
+  key = generation._data_key(c, "val", 10, "clean")
+  fp = sources.ImageFolder(str(root), "val").fingerprint()
+  assert generation._data_key(c, "val", 10, "clean") == key
+  Image.fromarray(np.ones((8, 8, 3), np.uint8)).save(root / "val" / "b" / "1.png")
+  sources._scan.cache_clear()
+  assert sources.ImageFolder(str(root), "val").fingerprint() != fp
+  assert generation._data_key(c, "val", 10, "clean") != key
+  e = sources.EmbeddedPhotos("val", S, val_per_photo=2)
+  assert e.fingerprint() == sources.EmbeddedPhotos("val", S, val_per_photo=2).fingerprint()
+  assert e.fingerprint() != sources.EmbeddedPhotos("val", S, val_per_photo=3).fingerprint()
+  before = sources.path_fingerprint(str(root))
+  assert sources.path_fingerprint(str(root)) == before
+  (root / "val" / "a" / "0.png").write_bytes(b"changed")
+  assert sources.path_fingerprint(str(root)) != before
+  with pytest.raises(FileNotFoundError, match="nope"):
+    sources.path_fingerprint(str(tmp_path / "nope"))

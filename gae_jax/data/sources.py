@@ -13,7 +13,9 @@ is dropped by the pipeline's decode step.
 
 from collections.abc import Sequence
 import functools
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import threading
@@ -25,6 +27,29 @@ from PIL import ImageFile
 
 from gae_jax import paths
 from gae_jax.data import transforms
+
+def _digest(obj) -> str:
+  return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def path_fingerprint(path: str) -> str:
+  """A cheap content key of a file or directory tree (local or remote): sha1 of every
+  file's relative path, size and mtime (16 hex digits). For caches keyed on what they were
+  derived from (converted weights, a GAE workdir, ...): a changed, added or removed file
+  changes the key. Raises FileNotFoundError when `path` does not exist."""
+  p = paths.path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"cannot fingerprint {path}: it does not exist")
+  if not p.is_dir():
+    st = p.stat()
+    return _digest([os.fspath(p), st.length, st.mtime])
+  rows = []
+  for d, _, files in p.walk():
+    for f in sorted(files):
+      st = (d / f).stat()
+      rows.append([os.path.relpath(os.fspath(d / f), os.fspath(p)), st.length, st.mtime])
+  return _digest([os.fspath(p), sorted(rows)])
+
 
 # ------------------------------------------------------------------------------------------
 # Embedded photos.
@@ -143,6 +168,15 @@ class EmbeddedPhotos(Sequence):
   @property
   def regions(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     return embedded_regions(self.image_size)
+
+  def fingerprint(self) -> str:
+    """Content key: the bundled photo files (path, size, mtime) and the split layout."""
+    files = []
+    for n in EMBEDDED_NAMES:
+      st = os.stat(embedded_photo_path(n))
+      files.append([n, st.st_size, st.st_mtime_ns])
+    return _digest(["embedded", self.split, self.image_size, self._length,
+                    EMBEDDED_TRAIN_FRACTION, files])
 
   def __len__(self) -> int:
     return self._length
@@ -311,6 +345,14 @@ class ImageFolder(Sequence):
   def path(self, i: int) -> str:
     return self._files[i][0]
 
+  def fingerprint(self) -> str:
+    """Content key: the file list with labels, and (local folders) every folder's mtime,
+    which changes when a file is added, removed or renamed in it. Files rewritten in place
+    under the same name are not seen (that would need a stat per file)."""
+    dirs = sorted({os.path.dirname(f) for f, _ in self._files})
+    mtimes = [] if paths.is_remote(self.root) else [os.stat(d).st_mtime_ns for d in dirs]
+    return _digest(["folder", self.root, self.split, self.classes, self._files, mtimes])
+
   def _read(self, path: str) -> np.ndarray:
     try:
       with (paths.path(path).open("rb") if paths.is_remote(path) else open(path, "rb")) as f:
@@ -400,6 +442,11 @@ class TfdsSource(Sequence):
 
   def __len__(self) -> int:
     return len(self._source)
+
+  def fingerprint(self) -> str:
+    """Content key: dataset name, split, prepared version and example count."""
+    version = str(getattr(getattr(self._source, "dataset_info", None), "version", ""))
+    return _digest(["tfds", self.name, self.split, version, len(self._source)])
 
   def __getitem__(self, i):
     rec = self._source[int(i)]

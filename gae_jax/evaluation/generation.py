@@ -125,6 +125,10 @@ def _data_key(data_config, split: str, num_images: int, resize_mode: str) -> str
           "embedded_val_per_photo", "folder_holdout_fraction", "folder_holdout_seed")
   desc = {k: data_config.get(k) for k in keys}
   desc.update(split=split, num_images=num_images, resize=resize_mode, v=1)
+  # What the images are, not only where: a changed folder / TFDS version / photo set gives
+  # another key (sources.*.fingerprint), so a stale statistics file is never returned.
+  from gae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  desc["content"] = pipeline.make_source(data_config, split).fingerprint()
   return hashlib.sha1(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -62,8 +62,15 @@ def _data_config(config, gae_image_size: int) -> ml_collections.ConfigDict:
 
 
 def _settings(config, data, gae_path: str, n_local: int, process_count: int) -> dict:
+  """What a resumed extraction must share with the shards already written: besides the
+  settings, content keys of the GAE (its files: a retrained GAE at the same path differs)
+  and of the data source (sources.*.fingerprint)."""
+  from gae_jax.data import sources  # pylint: disable=g-import-not-at-top
   shard = int(config.cache.shard_size)
-  return {"gae": os.fspath(paths.path(gae_path)), "source": data.source, "root": data.root,
+  return {"gae": os.fspath(paths.path(gae_path)),
+          "gae_fingerprint": sources.path_fingerprint(gae_path),
+          "data_fingerprint": pipeline.make_source(data, config.cache.split).fingerprint(),
+          "source": data.source, "root": data.root,
           "tfds_name": data.tfds_name, "split": config.cache.split,
           "image_size": int(data.image_size), "augment": bool(config.cache.augment),
           "embedded_length": int(data.embedded_length), "seed": int(config.seed),
