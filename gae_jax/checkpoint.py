@@ -72,7 +72,10 @@ class Checkpointer:
               step: Optional[int] = None) -> Any:
     """Restores `step` (default: latest) into `abstract_state`'s shapes and shardings.
 
-    The data iterator, if given, is restored in place.
+    The data iterator, if given, is restored in place; when the checkpoint's iterator
+    state was written by another number of processes it is instead put at global batch
+    `step` (`pipeline.seek`: the global sample order does not depend on the process count)
+    and a notice is logged.
     """
     step = self.latest_step() if step is None else step
     if step is None:
@@ -80,19 +83,40 @@ class Checkpointer:
     check_matches(metadata_tree(self.directory, step), abstract_state,
                   f"checkpoint {self.directory}/{step}")
     items = dict(state=ocp.args.StandardRestore(abstract_state))
+    seek_to = None
     if data_iter is not None:
       if "data_iter" not in self._saved_items(step):
         raise ValueError(f"checkpoint {self.directory}/{step} holds no data iterator state")
-      items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+      saved_by = self._iterator_process_count(step)
+      if saved_by == jax.process_count():
+        items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+      else:
+        seek_to = step
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f"checkpoint {self.directory}/{step} does not match this run's "
                        f"train state (changed model or optimizer config?): {e}") from e
+    if seek_to is not None:
+      # One batch per step: global batch `step` comes next, in the process-count-free
+      # global order of gae_jax.data.pipeline.
+      from gae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+      pipeline.seek(data_iter, seek_to)
+      logging.warning("checkpoint %s/%d: data iterator state was saved by %s process(es), "
+                      "this run has %d; data position re-derived from the step (global "
+                      "batch %d onward, same global sample order)", self.directory, step,
+                      saved_by, jax.process_count(), seek_to)
     logging.info("restored step %d from %s: train state (params, optimizer, EMA)%s", step,
                  self.directory / str(step),
                  " and data iterator position" if data_iter is not None else "")
     return restored["state"]
+
+  def _iterator_process_count(self, step: int) -> Optional[int]:
+    """Process count that wrote the step's grain iterator state (process_<i>-of-<n>.json)."""
+    path = os.path.join(self.directory, str(step), "data_iter")
+    counts = {int(f[:-5].rsplit("-of-", 1)[1]) for f in os.listdir(path)
+              if f.startswith("process_") and f.endswith(".json") and "-of-" in f}
+    return counts.pop() if len(counts) == 1 else None
 
   def _saved_items(self, step: int) -> set:
     path = self.directory / str(step)
@@ -167,25 +191,25 @@ def restore_params(directory: paths.PathLike, step: Optional[int] = None, item: 
   directory = paths.path(directory)
   if not directory.is_dir():
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
-  handlers = None if keys is None else {item: ocp.PyTreeCheckpointHandler()}
+  handlers = {item: ocp.PyTreeCheckpointHandler()}
   with ocp.CheckpointManager(directory, item_names=(item,), item_handlers=handlers,
                              options=_read_only_options()) as mngr:
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    if keys is None:
-      args = ocp.args.StandardRestore()
-    else:
-      tree = metadata_tree(directory, step, item)
-      if not isinstance(tree, dict):
-        raise ValueError(f"checkpoint {directory}/{step}/{item} is not a dict of entries")
-      # Entries not asked for are PLACEHOLDER leaves: orbax skips them entirely.
-      target = {k: jax.tree.map((lambda m: np.zeros(m.shape, m.dtype)) if k in keys
-                                else (lambda _: ocp.PLACEHOLDER), v) for k, v in tree.items()}
-      args = ocp.args.PyTreeRestore(
-          item=target, restore_args=jax.tree.map(
-              lambda x: x if x is ocp.PLACEHOLDER else ocp.RestoreArgs(restore_type=np.ndarray),
-              target))
+    # Always as host numpy arrays: the saved shardings name the devices of the run that
+    # wrote it (another process count's checkpoint would not restore with them).
+    tree = metadata_tree(directory, step, item)
+    if not isinstance(tree, dict):
+      raise ValueError(f"checkpoint {directory}/{step}/{item} is not a dict of entries")
+    wanted = tree.keys() if keys is None else keys
+    # Entries not asked for are PLACEHOLDER leaves: orbax skips them entirely.
+    target = {k: jax.tree.map((lambda m: np.zeros(m.shape, m.dtype)) if k in wanted
+                              else (lambda _: ocp.PLACEHOLDER), v) for k, v in tree.items()}
+    args = ocp.args.PyTreeRestore(
+        item=target, restore_args=jax.tree.map(
+            lambda x: x if x is ocp.PLACEHOLDER else ocp.RestoreArgs(restore_type=np.ndarray),
+            target))
     restored = mngr.restore(step, args=ocp.args.Composite(**{item: args}))
   out = restored[item]
   if keys is not None:

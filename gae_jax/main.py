@@ -34,6 +34,12 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and images go."
 flags.DEFINE_bool("dry_run", False, "Build everything abstractly, write plan.json, exit.")
 flags.DEFINE_bool("distributed", False,
                   "Call jax.distributed.initialize() (multi-host TPU/GPU pods).")
+flags.DEFINE_string("coordinator_address", None,
+                    "--distributed: host:port of process 0 (default: auto-detect).")
+flags.DEFINE_integer("num_processes", None,
+                     "--distributed: number of processes (default: auto-detect).")
+flags.DEFINE_integer("process_id", None,
+                     "--distributed: this process's index (default: auto-detect).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # config.stage -> trainer module (each has train_and_evaluate(config, workdir) and plan(config))
@@ -185,7 +191,9 @@ def main(argv):
   from gae_jax import paths  # pylint: disable=g-import-not-at-top
   paths.configure_cloud_storage()  # gs:// via gcsfs; STORAGE_EMULATOR_HOST honoured
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes,
+                               process_id=FLAGS.process_id)
   config = FLAGS.config
   _check_mesh_and_batch(config)
   trainer = trainer_for(config.stage)

@@ -1,9 +1,15 @@
-"""One process of tests/test_multihost.py: 2 processes x 2 CPU devices, gloo collectives.
+"""One process of tests/test_multihost.py: 2 processes, gloo collectives.
 
-`python multihost_worker.py <process_id> <port> <out_dir>` runs the evaluation's multi-host
-paths (per-process shards -> global batches -> jitted fn -> this process's rows ->
-gathers) and saves what it got; the test imports the same toy data and functions to
-compute the single-process answer.
+`python multihost_worker.py <process_id> <port> <out_dir>` (2 CPU devices each) runs the
+evaluation's multi-host paths (per-process shards -> global batches -> jitted fn -> this
+process's rows -> gathers) and saves what it got; the test imports the same toy data and
+functions to compute the single-process answer.
+
+`python multihost_worker.py <process_id> <port> <out_dir> train` (4 CPU devices each)
+trains the tiny AE and DiT of `ae_config` / `dit_config` for TRAIN_STEPS steps into
+<out_dir>/{ae,dit}2 (checkpoints every step), then waits for <out_dir>/ref_done (the
+test's 1-process runs in <out_dir>/{ae,dit}1) and restores those 1-process checkpoints
+here, saving the gathered state and this process's next batch to <out_dir>/restore_p<i>.npz.
 """
 
 import os
@@ -93,5 +99,114 @@ def main(pid: int, port: str, out: str):
   jax.distributed.shutdown()
 
 
+# ------------------------------------------------------------------------------ training
+
+TRAIN_STEPS = 2
+LATENT_D, LATENT_HW, CACHE_RECORDS = 4, 4, 48
+
+
+def _equal_update_configs(c):
+  """Adam eps 1e-3, no warm-up: the first updates are Lipschitz in the gradient, so layouts
+  that differ only in reduction order give parameters equal to round-off."""
+  for opt in [c.optim] + ([c.disc_optim] if "disc_optim" in c else []):
+    opt.eps, opt.warmup_steps = 1e-3, 0
+  return c
+
+
+def ae_config():
+  """The tiny AE of tests/test_autoencoder_trainer.py on a (data=2, fsdp=2, tensor=2) mesh."""
+  from gae_jax import configs_lib  # pylint: disable=g-import-not-at-top
+  c = configs_lib.autoencoder_config("runlocal", latent_dim=8)
+  c.data.image_size, c.batch_size, c.num_eval_images = 32, 8, 8
+  c.loss.disc_start = 0
+  c.total_steps = TRAIN_STEPS
+  c.log_every = c.ckpt_every = 1
+  c.image_every = 0
+  c.mesh = configs_lib.mesh_config(data=2, fsdp=2, tensor=2)
+  return _equal_update_configs(c)
+
+
+def dit_config(cache_dir: str):
+  from gae_jax import configs_lib  # pylint: disable=g-import-not-at-top
+  c = configs_lib.dit_config(f"runlocal,cache={cache_dir}", latent_dim=LATENT_D, epochs=80)
+  c.model.latent_size, c.batch_size = LATENT_HW, 8
+  c.total_steps = TRAIN_STEPS
+  c.log_every = c.ckpt_every = 1
+  c.image_every = 0
+  c.data.read_threads = 1
+  c.mesh = configs_lib.mesh_config(data=2, fsdp=2, tensor=2)
+  return _equal_update_configs(c)
+
+
+def write_latent_cache(cache_dir: str) -> str:
+  """A 1-shard latent cache of random latents (no GAE needed)."""
+  from gae_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
+  os.makedirs(cache_dir, exist_ok=True)
+  rng = np.random.default_rng(7)
+  z = rng.normal(size=(CACHE_RECORDS, LATENT_HW, LATENT_HW, LATENT_D)).astype(np.float32)
+  latents_lib.write_shard(
+      os.path.join(cache_dir, latents_lib.shard_name(0, 0)),
+      (latents_lib.encode_record(z[i], z[i, :, ::-1], i % 10, i) for i in range(len(z))))
+  latents_lib.mark_completed(cache_dir, 0, {"num_shards": 1}, {0: CACHE_RECORDS})
+  latents_lib.finalize(cache_dir, {"gae": "", "latent_shape": [LATENT_HW, LATENT_HW, LATENT_D],
+                                   "num_classes": 10}, process_count=1)
+  return cache_dir
+
+
+def flat(tree) -> dict:
+  """{'a/b/0/mu/...': numpy leaf}: the checkpoint's own path names (also for raw restores)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from gae_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  return {ckpt_lib._path_str(k): np.asarray(v)  # pylint: disable=protected-access
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def setups(out: str):
+  """{name: (trainer module, Setup)} of the AE and the DiT."""
+  from gae_jax.trainers import autoencoder  # pylint: disable=g-import-not-at-top
+  from gae_jax.trainers import flow  # pylint: disable=g-import-not-at-top
+  return {"ae": (autoencoder, autoencoder.Setup(ae_config())),
+          "dit": (flow, flow.Setup(dit_config(os.path.join(out, "cache"))))}
+
+
+def train_main(pid: int, port: str, out: str):
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid,
+                             initialization_timeout=120)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from gae_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
+  assert jax.process_count() == 2 and jax.device_count() == 8
+  built = setups(out)
+  for name, (trainer, s) in built.items():        # 2-process training, disjoint shards
+    trainer.train_and_evaluate(s.config, os.path.join(out, f"{name}2"))
+  deadline = time.time() + 600
+  while not os.path.exists(os.path.join(out, "ref_done")):
+    if time.time() > deadline:
+      raise TimeoutError("the test's 1-process runs never finished")
+    time.sleep(0.5)
+  saved = {}
+  for name, (_, s) in built.items():              # 1-process checkpoints, restored here
+    it = s.train_iterator()
+    ckpt = ckpt_lib.Checkpointer(os.path.join(out, f"{name}1", "checkpoints"), save_every=1)
+    state = ckpt.restore(s.abstract_state, it)
+    ckpt.close()
+    full = multihost_utils.process_allgather(
+        {"params": state.params, "opt_state": state.opt_state}, tiled=True)
+    saved.update({f"{name}/state/{k}": v for k, v in flat(full).items()})
+    saved.update({f"{name}/batch/{k}": v for k, v in flat(next(it)).items()})
+  np.savez(os.path.join(out, f"restore_p{pid}.npz"), **saved)
+  jax.distributed.shutdown()
+
+
 if __name__ == "__main__":
-  main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+  if len(sys.argv) > 4 and sys.argv[4] == "train":
+    train_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+  else:
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])

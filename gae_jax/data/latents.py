@@ -265,8 +265,13 @@ class _Decode(grain.transforms.RandomMap):
 
 def make_latent_dataset(cache_dir: str, *, seed: int, shuffle: bool = True,
                         repeat: bool = True, flip: bool = True, process_index: int = 0,
-                        process_count: int = 1) -> grain.MapDataset:
-  """This process's slice of the cache as a MapDataset of decoded (unnormalised) latents."""
+                        process_count: int = 1, per_process_batch: int = 1) -> grain.MapDataset:
+  """This process's slice of the cache as a MapDataset of decoded (unnormalised) latents.
+
+  repeat=True: this process's rows of the global training stream (`pipeline.ProcessRows`,
+  the same global batches for any process count); repeat=False: a strided 1/process_count
+  share of the records.
+  """
   manifest = load_manifest(cache_dir)
   paths = [os.path.join(cache_dir, s["file"]) for s in manifest["shards"]]
   missing = [p for p in paths if not paths_lib.path(p).is_file()]
@@ -280,7 +285,17 @@ def make_latent_dataset(cache_dir: str, *, seed: int, shuffle: bool = True,
   # ArrayRecord reads local files only: a remote cache is read from a local copy
   # (paths.local_mirror; fetched once per host).
   paths = [paths_lib.local_copy(p, what="latent shard") for p in paths]
-  return ds.random_map(_Decode(flip), seed=pipeline.derive_seed(seed, 2, process_index))
+  from gae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+  what = f"latent cache {cache_dir}"
+  if not repeat:
+    ds = pipeline.process_shard(ds, what, seed=seed, shuffle=shuffle, repeat=False,
+                                process_index=process_index, process_count=process_count)
+    return ds.random_map(_Decode(flip), seed=pipeline.derive_seed(seed, 2, process_index))
+  ds = pipeline.global_stream(ds, what, seed=seed, shuffle=shuffle)
+  ds = ds.random_map(_Decode(flip), seed=pipeline.derive_seed(seed, 2))
+  return pipeline.ProcessRows(ds, per_process_batch=per_process_batch,
+                              process_index=process_index, process_count=process_count)
 
 
 def make_latent_iterator(cache_dir: str, *, batch_size: int, seed: int, shuffle: bool = True,
@@ -296,6 +311,7 @@ def make_latent_iterator(cache_dir: str, *, batch_size: int, seed: int, shuffle:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   ds = make_latent_dataset(cache_dir, seed=seed, shuffle=shuffle, repeat=repeat, flip=flip,
-                           process_index=process_index, process_count=process_count)
+                           process_index=process_index, process_count=process_count,
+                           per_process_batch=batch_size)
   read = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size)
   return iter(ds.to_iter_dataset(read).batch(batch_size, drop_remainder=drop_remainder))

@@ -1,13 +1,18 @@
 """grain input pipelines: source -> per-process numpy batches (flax gemma input_pipeline_grain).
 
-  source -> grain.MapDataset.source -> this process's shard -> shuffle(seed) -> repeat
-  -> (random_)map(decode + crop + flip + to [-1, 1]) -> to_iter_dataset(threads)
-  -> batch(per-process batch) -> mp_prefetch (num_workers > 0)
+  training (repeat=True): source -> shuffle(seed) -> repeat (reshuffled every epoch)
+  -> (random_)map(decode + crop + flip + to [-1, 1]) -> this process's rows of every
+  global batch -> to_iter_dataset(threads) -> batch(per-process batch) -> mp_prefetch
+  finite passes (repeat=False): source -> this process's strided shard -> (shuffle) -> map
 
-The per-example rng of the random map is grain's, derived from (seed, process, index), so
-the stream is a pure function of the seed, and the returned iterator's
+Training streams are global: global batch j holds global samples [j B, (j + 1) B) of one
+seeded order (B = per-process batch x process_count), and process p reads rows
+[p b, (p + 1) b) of it, the rows its devices hold in the global jax.Array. The per-example
+rng of the random map is grain's, derived from (seed, global index), so the global batches
+are a pure function of the seed, whatever the number of processes. The returned iterator's
 `get_state()`/`set_state()` (or orbax `grain.checkpoint.CheckpointSave/Restore`) resume on
-the identical next batch. `gae_jax.sharding` turns the batches into global jax.Arrays.
+the identical next batch; `seek(iterator, j)` puts it at global batch j (a resume on another
+process count). `gae_jax.sharding` turns the batches into global jax.Arrays.
 
 Augmentation (splits starting with "train"): `crop` (+ `random_flip`); the embedded source
 always uses the random-scale crop of its train regions. Other splits: ADM center crop,
@@ -146,6 +151,7 @@ def process_shard(ds: grain.MapDataset, what: str, *, seed: int, shuffle: bool, 
 
   Every process gets len(ds) // process_count records (a strided slice), so all hosts run
   the same number of steps. `what` names the data in the error for too few records.
+  For finite passes (evaluation, latent caching); training streams use `global_stream`.
   """
   n = len(ds) // process_count * process_count
   if n == 0:
@@ -159,14 +165,70 @@ def process_shard(ds: grain.MapDataset, what: str, *, seed: int, shuffle: bool, 
   return ds
 
 
+def global_stream(ds: grain.MapDataset, what: str, *, seed: int,
+                  shuffle: bool) -> grain.MapDataset:
+  """The infinite global training order of `ds`: a seeded permutation, a new one every
+  epoch (grain reseeds the shuffle per repeated epoch), identical on every process."""
+  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError(f"{what} has no examples")
+  if shuffle:
+    ds = ds.shuffle(seed=derive_seed(seed, 1))
+  return ds.repeat()
+
+
+class ProcessRows(grain.MapDataset):
+  """Process p's rows of every global batch of `parent`, in order.
+
+  Element k is parent[(k // b) * b * P + p * b + k % b] with b = per-process batch and
+  P = process_count: batching this by b gives rows [p b, (p + 1) b) of global batch k // b,
+  which is what `jax.make_array_from_process_local_data` expects process p to hold when the
+  batch axis is laid out over the devices in process order.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, per_process_batch: int,
+               process_index: int, process_count: int):
+    super().__init__(parent)
+    if per_process_batch < 1:
+      raise ValueError(f"per-process batch {per_process_batch} must be positive")
+    self._rows = parent
+    self._b, self._p, self._n = int(per_process_batch), int(process_index), int(process_count)
+    # whole global batches of a finite parent only; an infinite one stays infinite
+    self._len = len(parent) // (self._b * self._n) * self._b
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __str__(self) -> str:
+    return f"ProcessRows(b={self._b}, process={self._p}/{self._n})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(int(index), self._b)
+    return self._rows[(batch * self._n + self._p) * self._b + row]
+
+
+def seek(iterator, batch_index: int) -> None:
+  """Puts a `make_iterator` / `make_latent_iterator` training iterator at its batch
+  `batch_index` (= global batch `batch_index`): a resume whose saved iterator state belongs
+  to another process count. Raises ValueError when the iterator cannot seek."""
+  try:
+    grain.experimental.set_next_index(iterator, int(batch_index))
+  except (NotImplementedError, AttributeError, TypeError) as e:
+    raise ValueError(f"data iterator {iterator} cannot seek to batch {batch_index} "
+                     f"({e}); resume on the process count that saved the checkpoint") from e
+
+
 def make_dataset(data_config, *, split: str, seed: int, shuffle: bool = True,
                  repeat: bool = True, process_index: int = 0, process_count: int = 1,
-                 augment: bool | None = None) -> grain.MapDataset:
+                 augment: bool | None = None, per_process_batch: int = 1) -> grain.MapDataset:
   """This process's per-example MapDataset (before batching); see the module docstring.
 
-  Every process gets the same number of examples: the source is truncated to a multiple of
-  process_count (at most process_count - 1 examples dropped), then sliced
-  [process_index::process_count].
+  repeat=True: this process's rows of the global stream (`ProcessRows`; per_process_batch
+  is the row block it holds of every global batch), the same global order for any
+  process_count. repeat=False: every process gets the same number of examples: the source
+  is truncated to a multiple of process_count (at most process_count - 1 examples
+  dropped), then sliced [process_index::process_count].
   augment: train-style crop/flip; default: split starts with "train".
   """
   if not 0 <= process_index < process_count:
@@ -182,19 +244,27 @@ def make_dataset(data_config, *, split: str, seed: int, shuffle: bool = True,
     raise ValueError(f"unknown data.crop {crop!r}; expected one of {transforms.CROPS}")
 
   source = make_source(data_config, split)
-  ds = process_shard(grain.MapDataset.source(source), f"split {split!r} of data.source={src!r}",
-                     seed=seed, shuffle=shuffle, repeat=repeat, process_index=process_index,
-                     process_count=process_count)
+  what = f"split {split!r} of data.source={src!r}"
+  ds = grain.MapDataset.source(source)
+  if repeat:
+    ds = global_stream(ds, what, seed=seed, shuffle=shuffle)
+  else:
+    ds = process_shard(ds, what, seed=seed, shuffle=shuffle, repeat=False,
+                       process_index=process_index, process_count=process_count)
   if augment:
     if src == "embedded" and _norm_split(split) == "train":
       crop = "random_scale"
     fn = Preprocess(size, crop, bool(data_config.random_flip))
     if fn.crop == "adm_center" and not fn.flip:
       ds = ds.map(fn)
-    else:
-      ds = ds.random_map(fn, seed=derive_seed(seed, 2, process_index))
+    else:  # global streams: the rng of global sample i, whichever process reads it
+      ds = ds.random_map(fn, seed=derive_seed(seed, 2) if repeat
+                         else derive_seed(seed, 2, process_index))
   else:
     ds = ds.map(Preprocess(size, "adm_center", False))
+  if repeat:
+    ds = ProcessRows(ds, per_process_batch=per_process_batch, process_index=process_index,
+                     process_count=process_count)
   return ds
 
 
@@ -215,7 +285,7 @@ def make_iterator(data_config, *, split: str, batch_size: int, seed: int,
     raise ValueError(f"batch_size={batch_size} must be positive")
   ds = make_dataset(data_config, split=split, seed=seed, shuffle=shuffle, repeat=repeat,
                     process_index=process_index, process_count=process_count,
-                    augment=augment)
+                    augment=augment, per_process_batch=batch_size)
   if not repeat and drop_remainder and len(ds) < batch_size:
     raise ValueError(f"split {split!r} has {len(ds)} examples on this process, fewer than "
                      f"batch_size={batch_size} with drop_remainder=True (no batch at all)")
