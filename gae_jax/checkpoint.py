@@ -113,8 +113,8 @@ class Checkpointer:
 
   def _iterator_process_count(self, step: int) -> Optional[int]:
     """Process count that wrote the step's grain iterator state (process_<i>-of-<n>.json)."""
-    path = os.path.join(self.directory, str(step), "data_iter")
-    counts = {int(f[:-5].rsplit("-of-", 1)[1]) for f in os.listdir(path)
+    path = self.directory / str(step) / "data_iter"
+    counts = {int(f[:-5].rsplit("-of-", 1)[1]) for f in (p.name for p in path.iterdir())
               if f.startswith("process_") and f.endswith(".json") and "-of-" in f}
     return counts.pop() if len(counts) == 1 else None
 

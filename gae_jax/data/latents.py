@@ -277,11 +277,6 @@ def make_latent_dataset(cache_dir: str, *, seed: int, shuffle: bool = True,
   missing = [p for p in paths if not paths_lib.path(p).is_file()]
   if missing:
     raise FileNotFoundError(f"latent cache {cache_dir}: shard {missing[0]} is missing")
-  from gae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  ds = pipeline.process_shard(
-      grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths)),
-      f"latent cache {cache_dir}", seed=seed, shuffle=shuffle, repeat=repeat,
-      process_index=process_index, process_count=process_count)
   # ArrayRecord reads local files only: a remote cache is read from a local copy
   # (paths.local_mirror; fetched once per host).
   paths = [paths_lib.local_copy(p, what="latent shard") for p in paths]
