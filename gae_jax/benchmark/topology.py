@@ -363,7 +363,8 @@ def format_report(r: dict) -> str:
 
 def main(argv=None):
   """python -m gae_jax.benchmark.topology --config=configs/gae_l32.py --topology=v5p:4x4x4
-  [--json=/tmp/r.json] [--nosemantic]: one report, printed (and written as JSON)."""
+  [--mesh=data:1,fsdp:-1,tensor:1] [--json=/tmp/r.json] [--nosemantic]: one report,
+  printed (and written as JSON)."""
   import json  # pylint: disable=g-import-not-at-top
   from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -371,10 +372,21 @@ def main(argv=None):
   flags.DEFINE_string("topology", "v5p:2x2x2", "TPU topology, e.g. v5p:4x4x4, v6e:8x8.")
   flags.DEFINE_string("json", None, "Also write the report here.")
   flags.DEFINE_bool("semantic", True, "GAE: include L_sp's frozen VFM + teacher.")
+  flags.DEFINE_string("mesh", None, "Replaces config.mesh, e.g. data:1,fsdp:-1,tensor:1 "
+                      "(ml_collections cannot override a list field from the command line).")
 
   def run(_):
     f = flags.FLAGS
-    r = compile_report(f.config, f.topology, semantic=f.semantic)
+    config = f.config
+    if f.mesh:
+      try:
+        mesh = [(name, int(size)) for name, size in
+                (axis.split(":") for axis in f.mesh.split(","))]
+      except ValueError:
+        raise app.UsageError(f"--mesh={f.mesh!r}: use name:size,... e.g. "
+                             "data:1,fsdp:-1,tensor:1") from None
+      config.mesh = mesh
+    r = compile_report(config, f.topology, semantic=f.semantic)
     print(format_report(r))
     if f.json:
       with open(f.json, "w") as fh:
