@@ -30,7 +30,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
