@@ -33,6 +33,7 @@ import numpy as np
 
 from gae_jax import checkpoint as ckpt_lib
 from gae_jax import metrics as metrics_lib
+from gae_jax import paths
 from gae_jax import sharding as sharding_lib
 from gae_jax.convert import teacher as convert_teacher
 from gae_jax.data import pipeline
@@ -259,9 +260,7 @@ class Setup:
 def write_teacher_json(workdir: str, fields: dict) -> str:
   path = os.path.join(workdir, "teacher.json")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump({"kind": "teacher", "model": fields}, f, indent=2)
+    paths.write_text(path, json.dumps({"kind": "teacher", "model": fields}, indent=2))
   return path
 
 
