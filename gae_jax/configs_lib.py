@@ -147,7 +147,8 @@ def validate_training(config: ml_collections.ConfigDict, prefix: str = "config")
   """Checks for a run that trains (main.py, not --dry_run); raises ValueError (one line).
 
   The autoencoder's loss.sp_weight > 0 needs a teacher (teacher.init_from or teacher.vfm):
-  without one L_sp is silently 0 and the run is the lambda_sp = 0 ablation. (The demo's
+  without one L_sp is silently 0 and the run is the lambda_sp = 0 ablation. Conversely a
+  teacher.init_from with sp_weight = 0 would be loaded for nothing. (The demo's
   gae sub-config gets its teacher from the demo's stage 1, so it is not checked here.)
   """
   loss, teacher = config.get("loss"), config.get("teacher")
@@ -158,6 +159,12 @@ def validate_training(config: ml_collections.ConfigDict, prefix: str = "config")
                      f"{prefix}.teacher.init_from (a stage-1 teacher workdir or the authors' "
                      f"latest.pth), or {prefix}.loss.sp_weight=0 for the lambda_sp = 0 "
                      "ablation")
+  if (config.get("stage") == "autoencoder" and isinstance(loss, ml_collections.ConfigDict)
+      and loss.get("sp_weight", 0) == 0 and isinstance(teacher, ml_collections.ConfigDict)
+      and teacher.get("init_from")):
+    raise ValueError(f"{prefix}.teacher.init_from={teacher.init_from!r} would be unused: "
+                     f"{prefix}.loss.sp_weight=0 (set it > 0 for L_sp, e.g. 1.0, or "
+                     "':runlocal,teacher=PATH'; drop the teacher for the lambda_sp = 0 run)")
 
 
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1):
@@ -227,11 +234,13 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
   """Stage 2 (GAE autoencoder), docs/method.md stage 2 + paper Tab. 13 / Sec. G.
 
   arg: 'runlocal' (tiny CPU smoke run on the embedded photos), 'variant=S|B|L',
-  'sigma_std=0.1', 'kl' (KL-VAE of Tab. 7), 'source=embedded|folder|tfds', 'root=...'.
+  'sigma_std=0.1', 'kl' (KL-VAE of Tab. 7), 'source=embedded|folder|tfds', 'root=...',
+  'teacher=PATH' (stage-1 teacher for L_sp: sets teacher.init_from). `runlocal` has no
+  teacher, so it is the lambda_sp = 0 run unless 'teacher=PATH' is given (then lambda_sp = 1).
   """
   from gae_jax.data import pipeline  # late import: configs stay light to parse
   a = parse_arg(arg, variant="L", runlocal=False, sigma_std=0.2, kl=False,
-                source="tfds", root="", latent_dim=latent_dim,
+                source="tfds", root="", latent_dim=latent_dim, teacher="",
                 exclusive=[("runlocal", "variant"), ("runlocal", "source"),
                            ("runlocal", "root")])
   c = common_config("autoencoder")
@@ -256,6 +265,8 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
       vfm=ml_collections.FieldReference(None, field_type=str),
       vfm_weights=ml_collections.FieldReference(None, field_type=str),
       vfm_image_size=0))
+  if a.teacher:
+    c.teacher.init_from = a.teacher
   # Paper Tab. 13: AdamW, 2e-4 -> 2e-5 cosine, warm-up 8000, betas (0.9, 0.98),
   # batch 1024, 250k iterations. Weight decay is not given for the AE: 0.05 as the teacher.
   c.optim = optimizer_config(2e-4, end_lr=2e-5, warmup_steps=8000, b1=0.9, b2=0.98,
@@ -282,6 +293,8 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
   c.data.num_workers = 8          # grain worker processes per host (TPU VM hosts have many cores)
   c.model.remat = "dots_no_batch" if a.variant == "L" else "none"
   if a.runlocal:
+    if not a.teacher:
+      c.loss.sp_weight = 0.0        # no stage-1 teacher in the smoke run: lambda_sp = 0, said
     c.model.variant = c.model.decoder_variant = "mu"
     c.model.patch_size = 8
     c.data.source = "embedded"

@@ -22,6 +22,7 @@ def test_full_demo_uses_the_readme_runlocal_configs():
       "dit": configs_lib.dit_config("runlocal", latent_dim=32, epochs=80),
       "sample": configs_lib.dit_config("sample,runlocal", latent_dim=32, epochs=80),
   }
+  same["gae"].loss.sp_weight = 1.0   # the README's stage 2 ':runlocal,teacher=...' (L_sp on)
   for key, want in same.items():
     assert demo.fingerprint(c[key]) == demo.fingerprint(want), key
   ev = configs_lib.eval_config("runlocal", kind=demo.EVAL_KINDS)

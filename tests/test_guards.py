@@ -145,7 +145,7 @@ def test_checkpoint_without_skip_counters_restores(flow_setup, tmp_path):
 
 
 def test_sp_weight_without_teacher_is_an_error():
-  c = configs_lib.autoencoder_config("runlocal", latent_dim=8)
+  c = configs_lib.autoencoder_config(None, latent_dim=8)
   assert c.loss.sp_weight > 0 and not c.teacher.init_from
   configs_lib.validate(c)   # the dry-run checks pass
   with pytest.raises(ValueError, match=r"config\.loss\.sp_weight=1\.0 needs a teacher: set "
@@ -155,6 +155,18 @@ def test_sp_weight_without_teacher_is_an_error():
   configs_lib.validate_training(c)
   c.loss.sp_weight, c.teacher.init_from = 1.0, "/some/teacher"
   configs_lib.validate_training(c)
+  c.loss.sp_weight = 0.0      # a teacher that L_sp would never use: also one line
+  with pytest.raises(ValueError, match=r"config\.teacher\.init_from='/some/teacher' would be "
+                                       r"unused: config\.loss\.sp_weight=0"):
+    configs_lib.validate_training(c)
+  # runlocal (the README's main job) has no teacher: the lambda_sp = 0 run, and valid;
+  # ':runlocal,teacher=W' turns L_sp on with that teacher.
+  r = configs_lib.autoencoder_config("runlocal", latent_dim=8)
+  assert r.loss.sp_weight == 0 and not r.teacher.init_from
+  configs_lib.validate_training(r)
+  r = configs_lib.autoencoder_config("runlocal,teacher=/t", latent_dim=8)
+  assert (r.loss.sp_weight, r.teacher.init_from) == (1.0, "/t")
+  configs_lib.validate_training(r)
   c.max_nonfinite_steps = -1
   with pytest.raises(ValueError, match=r"config\.max_nonfinite_steps=-1 must be >= 0"):
     configs_lib.validate(c)

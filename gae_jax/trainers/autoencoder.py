@@ -504,6 +504,9 @@ def _semantic_plan(config) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The training loop; returns the last logged metrics."""
   common.write_config(config, workdir)
+  if not config.loss.sp_weight:
+    logging.info("semantic preservation off: loss.sp_weight=0 (the lambda_sp = 0 run; "
+                 "a stage-1 teacher turns it on, e.g. ':runlocal,teacher=W')")
   s = Setup(config)
   frozen = load_frozen(config, s.mesh)
   ckpt = common.checkpointer(config, workdir)

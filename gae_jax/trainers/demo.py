@@ -112,6 +112,7 @@ def demo_config(arg: Optional[str] = None) -> ml_collections.ConfigDict:
   c.tiny = a.tiny
   c.teacher = configs_lib.teacher_config("runlocal", latent_dim=32)
   c.gae = configs_lib.autoencoder_config("runlocal", latent_dim=32)
+  c.gae.loss.sp_weight = 1.0     # L_sp on: the teacher comes from stage 1 (stage_configs)
   c.cache = configs_lib.cache_latents_config("runlocal")
   c.dit = configs_lib.dit_config("runlocal", latent_dim=32, epochs=80)
   c.sample = configs_lib.dit_config("sample,runlocal", latent_dim=32, epochs=80)
