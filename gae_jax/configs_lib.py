@@ -168,8 +168,12 @@ def validate_training(config: ml_collections.ConfigDict, prefix: str = "config")
 
 
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1):
-  """Mesh axes in order; -1 takes all remaining devices. Parallelism is config data."""
-  return [("data", data), ("fsdp", fsdp), ("tensor", tensor)]
+  """Mesh axes in order; -1 takes all remaining devices. Parallelism is config data.
+
+  A tuple, so the command line can override it:
+  `--config.mesh='(("data",1),("fsdp",-1),("tensor",1))'` (pure FSDP).
+  """
+  return (("data", data), ("fsdp", fsdp), ("tensor", tensor))
 
 
 # Logical axis -> mesh axes (flax logical partitioning). The first rule whose mesh axes are
