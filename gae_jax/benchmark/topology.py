@@ -140,7 +140,8 @@ def cost_report(compiled, n_devices: int) -> dict:
   """FLOPs, bytes accessed and the compiler's time estimate (per device) + FLOPs total.
 
   Keys absent from a backend's cost analysis are omitted ('optimal_seconds' is libtpu's
-  estimate of the step time on the target chip).
+  estimate of the step time on the target chip; a value <= 0, as libtpu 0.0.50 gives for
+  v6e, is reported as 'estimate_unavailable' instead).
   """
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
@@ -150,8 +151,13 @@ def cost_report(compiled, n_devices: int) -> dict:
   for src, dst in (("flops", "flops_per_device"), ("transcendentals", "transcendentals"),
                    ("bytes accessed", "bytes_accessed_per_device"),
                    ("optimal_seconds", "estimated_step_s")):
-    if src in ca:
-      out[dst] = float(ca[src])
+    if src not in ca:
+      continue
+    if src == "optimal_seconds" and not float(ca[src]) > 0:
+      # libtpu 0.0.50 returns a negative optimal_seconds for v6e: no estimate, not a time.
+      out["estimate_unavailable"] = f"libtpu's optimal_seconds is {float(ca[src]):.4g}"
+      continue
+    out[dst] = float(ca[src])
   if "flops_per_device" in out:
     out["flops_total"] = out["flops_per_device"] * n_devices
   if out.get("estimated_step_s") and out.get("flops_per_device"):
@@ -351,7 +357,9 @@ def format_report(r: dict) -> str:
                  f"{m['aliased_gib']:.2f}, temporaries {m['temporaries_gib']:.2f}")
   if "flops_per_device" in c:
     est = (f", compiler's step estimate {c['estimated_step_s'] * 1e3:.1f} ms"
-           if "estimated_step_s" in c else "")
+           if "estimated_step_s" in c else
+           f", no step estimate ({c['estimate_unavailable']})"
+           if "estimate_unavailable" in c else "")
     if "estimated_fraction_of_peak" in c:
       est += f" = {100 * c['estimated_fraction_of_peak']:.0f}% of the chip's peak"
     lines.append(f"  {c['flops_per_device'] / 1e12:.2f} TFLOP per device per step "
