@@ -44,10 +44,16 @@ def path_fingerprint(path: str) -> str:
     st = p.stat()
     return _digest([os.fspath(p), st.length, st.mtime])
   rows = []
+  # A remote walk yields its folders without the scheme ('bucket/run/...' for gs://), so
+  # each file is addressed again relative to `p`, never by the walked path itself.
+  root = os.fspath(p).split("://", 1)[-1].rstrip("/")
   for d, _, files in p.walk():
+    sub = os.fspath(d).split("://", 1)[-1].rstrip("/")
+    rel_dir = os.path.relpath(sub, root) if sub != root else ""
     for f in sorted(files):
-      st = (d / f).stat()
-      rows.append([os.path.relpath(os.fspath(d / f), os.fspath(p)), st.length, st.mtime])
+      rel = os.path.join(rel_dir, f) if rel_dir else f
+      st = (p / rel).stat()
+      rows.append([rel, st.length, st.mtime])
   return _digest([os.fspath(p), sorted(rows)])
 
 
