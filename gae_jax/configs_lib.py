@@ -305,16 +305,21 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
     c.data.image_size = 64
     c.data.num_workers = 0
     c.batch_size = 8
-    c.total_steps = 120
+    # Tuned for val PSNR within ~4 min on 2 CPU cores (64 px: ~23 dB at step 160; the
+    # compute is LPIPS VGG16 + discriminator, the tiny ViT is nearly free). A high lr with a
+    # short warm-up; LPIPS at 0.25 (at 1.0 it costs ~0.5 dB here); no GAN within the run
+    # (from step 130 at weight 0.1 it cost ~0.6 dB): it starts at step 160 if trained longer.
+    c.total_steps = 160
     c.optim.warmup_steps = 10
-    c.optim.lr, c.optim.end_lr = 1e-3, 1e-4
+    c.optim.lr, c.optim.end_lr = 6e-3, 6e-4
     c.disc_optim.lr, c.disc_optim.end_lr = 1e-4, 1e-5
-    c.loss.disc_start = 90          # GAN for the last 30 steps, gentler than the paper's 0.5
+    c.loss.lpips_weight = 0.25
+    c.loss.disc_start = 160
     c.loss.disc_weight = 0.1
-    c.log_every = 10
-    c.image_every = 60
-    c.ckpt_every = 60
-    c.num_eval_images = 8
+    c.log_every = 20
+    c.image_every = 80
+    c.ckpt_every = 80
+    c.num_eval_images = 32          # 32 fixed val crops (about 3 per photo) for val PSNR
     c.model.remat = "none"
   return c
 
