@@ -213,14 +213,14 @@ def log_plan(*, params: Any, mesh, total_steps: int, start_step: int) -> None:
     devices += f" on {jax.process_count()} processes"
   axes = " ".join(f"{k}={v}" for k, v in dict(mesh.shape).items())
   batch = ""
-  if config is not None:
+  if config is not None and config.get("batch_size"):   # (a demo config has none itself)
     size = config.get("data", {}).get("image_size", 0) if config.get("data") else 0
     batch = f", global batch {config.batch_size}" + (f" of {size}x{size} images" if size else "")
     if config.get("data") and config.data.get("source"):
       batch += f" ({config.data.source})"
   steps = f"steps {start_step} -> {total_steps}" + (" (resuming)" if start_step else "")
   logging.info("plan: mesh %s on %s%s; %s", axes, devices, batch, steps)
-  if workdir is not None and config is not None:
+  if workdir is not None and config is not None and config.get("ckpt_every"):
     outs = [f"checkpoints/ (every {config.ckpt_every} steps)"]
     if config.get("image_every"):
       outs.append(f"images/ (every {config.image_every} steps)")
