@@ -51,6 +51,16 @@ def _savefig(fig, path: str) -> None:
   fig.savefig(buf, format="png", dpi=100)
   paths.write_bytes(path, buf.getvalue())
 
+def _finish(plt, fig, path: str, title: str = "") -> str:
+  """Suptitle (if any), tight layout, save as PNG at `path`, close; returns `path`."""
+  if title:
+    fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  _savefig(fig, path)
+  plt.close(fig)
+  return path
+
+
 
 def _plt():
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -282,12 +292,7 @@ def plot_image_rows(path: str, rows: dict[str, np.ndarray], *, title: str = "",
     for c in range(n):
       _show(axes[r, c], images[c])
     axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  _savefig(fig, path)
-  plt.close(fig)
-  return path
+  return _finish(plt, fig, path, title)
 
 
 def plot_class_samples(path: str, samples: np.ndarray, class_names: list[str], *,
@@ -317,9 +322,4 @@ def plot_class_samples(path: str, samples: np.ndarray, class_names: list[str], *
     axes[0, 0].set_title("real", fontsize=8)
   for j in range(k):
     axes[0, j + off].set_title(f"sample {j + 1}", fontsize=8)
-  if title:
-    fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  _savefig(fig, path)
-  plt.close(fig)
-  return path
+  return _finish(plt, fig, path, title)
