@@ -659,3 +659,96 @@ def teacher_config(arg: str | None, *, latent_dim: int) -> ml_collections.Config
     c.ckpt_every = 50
     c.num_eval_images = 8
   return c
+
+
+# ------------------------------------------------------------------------------------------
+# PAE (arXiv 2605.07915; shared/PAE_SPEC.md): stage 0 `pae_refine` (trainers/pae_refine.py)
+# and stage 1 `pae` (trainers/pae.py). Both share the frozen VFM block.
+
+
+def pae_vfm_config(runlocal: bool = False, weights: str = "") -> ml_collections.ConfigDict:
+  """The frozen VFM of PAE: DINOv2-with-registers ViT-L/14 at 224, final LN without affine.
+
+  weights: a user's DINOv2 file (torch hub / Hugging Face layouts, `convert.dinov2`); its
+  sizes come from the file. Without weights the VFM is a seeded *random-weight* DINOv2 of
+  the sizes below -- a stand-in that exercises the machinery (no DINOv2 weights exist
+  offline and nothing is downloaded), not PAE's semantics. `:runlocal` uses a tiny one:
+  width 64, depth 2, patch 7 at 56 px (an 8 x 8 grid, the 64 px runlocal latent grid).
+  """
+  v = ml_collections.ConfigDict(dict(
+      name="dinov2",
+      weights=ml_collections.FieldReference(weights or None, field_type=str),
+      variant=ml_collections.FieldReference("L", field_type=str),
+      width=ml_collections.FieldReference(None, field_type=int),
+      depth=ml_collections.FieldReference(None, field_type=int),
+      num_heads=ml_collections.FieldReference(None, field_type=int),
+      num_registers=4,            # released: dinov2-with-registers (CLS + 4 dropped)
+      patch_size=14,
+      pos_grid=37,
+      image_size=224,             # encoder_input_size; the 256 image is resized to it
+      final_norm_affine=False,    # released: the final LayerNorm's weight / bias removed
+      seed=0,                     # the random stand-in's init seed (no weights)
+      attention_impl=ml_collections.FieldReference(None, field_type=str)))
+  if runlocal:
+    v.variant = None
+    v.width, v.depth, v.num_heads = 64, 2, 2
+    v.patch_size, v.pos_grid, v.image_size = 7, 8, 56
+  return v
+
+
+def pae_refine_config(arg: str | None, *, latent_dim: int = 32) -> ml_collections.ConfigDict:
+  """Stage 0 of PAE: VFM prior refinement (P_t, Q_t; PAE_SPEC §3.4), `stage = "pae_refine"`.
+
+  arg: 'runlocal' (random tiny VFM on the embedded photos, CPU minutes), 'weights=<DINOv2
+  file>', 'source=embedded|folder|tfds', 'root=...', 'latent_dim=32'. Everything but the
+  objective's form and Q_t's depth/width is [I] (spec §8): P_t has the compressor's form,
+  lambda_rep = lambda_gram = 1, cosine Grams, and H_ref is a Gaussian low-pass of the VFM
+  grid (sigma 1 token, blended at strength 0.4) in place of AnyUp (not available).
+  """
+  from gae_jax.data import pipeline  # late import: configs stay light to parse
+  a = parse_arg(arg, runlocal=False, weights="", source="tfds", root="",
+                latent_dim=latent_dim, exclusive=[("runlocal", "source"), ("runlocal", "root")])
+  c = common_config("pae_refine")
+  c.vfm = pae_vfm_config(a.runlocal, a.weights)
+  c.refine = ml_collections.ConfigDict(dict(
+      latent_dim=a.latent_dim,
+      proj_num_heads=ml_collections.FieldReference(None, field_type=int),  # D // 64
+      width=1024, depth=4,        # Q_t: "a 4-layer ViT, hidden 1024" (paper)
+      num_heads=ml_collections.FieldReference(None, field_type=int),       # width // 64
+      mlp_hidden=ml_collections.FieldReference(None, field_type=int),      # SwiGLU default
+      rep_weight=1.0,             # lambda_rep  [I]: not given
+      gram_weight=1.0,            # lambda_gram [I]: not given
+      gram_normalize="cosine",    # [I] as SSR: cosine Grams, mean over entries
+      gram_reduction="mean",
+      lowpass_sigma=1.0,          # [I] AnyUp fallback: Gaussian std in tokens
+      lowpass_strength=0.4))      # the paper's "strength 0.4", read as a blend weight [I]
+  # [I] not given: the teacher recipe of GAE's stage 1 (AdamW 1e-4 -> 1e-5 cosine, 5%
+  # warm-up, wd 0.05, betas (0.9, 0.98)), 20 epochs of ImageNet at batch 1024.
+  c.optim = optimizer_config(1e-4, end_lr=1e-5, b1=0.9, b2=0.98, weight_decay=0.05)
+  c.batch_size = 1024
+  c.total_steps = 20 * IMAGENET_TRAIN_IMAGES // c.batch_size
+  c.optim.warmup_steps = c.total_steps // 20
+  c.log_every = 100
+  c.eval_every = 2000
+  c.ckpt_every = 5000
+  c.image_every = 0
+  c.num_eval_images = 64
+  c.data = pipeline.default_data_config()
+  c.data.source = a.source
+  c.data.root = a.root
+  c.data.image_size = 256
+  c.data.random_flip = False
+  c.data.num_workers = 8
+  if a.runlocal:
+    c.data.source = "embedded"
+    c.data.image_size = 64
+    c.data.num_workers = 0
+    c.refine.width, c.refine.depth = 64, 2
+    c.batch_size = 8
+    c.total_steps = 200
+    c.optim.lr, c.optim.end_lr, c.optim.warmup_steps = 2e-3, 2e-4, 10
+    c.log_every = 20
+    c.eval_every = 100
+    c.ckpt_every = 100
+    c.num_eval_images = 8
+  return c

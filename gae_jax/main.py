@@ -51,6 +51,7 @@ STAGES = {
     "sample": "gae_jax.trainers.sample",
     "eval": "gae_jax.trainers.evaluate",
     "demo": "gae_jax.trainers.demo",
+    "pae_refine": "gae_jax.trainers.pae_refine",
 }
 
 
