@@ -406,3 +406,42 @@ def run_loop(config, workdir: str, *, state, step_fn: Callable[[Any, dict], tupl
   console.log_summary(step=total, start_step=start, metrics=last, keys=log_keys,
                       checkpoint_dir=ckpt.directory, checkpoint_steps=saved)
   return last
+
+
+# ------------------------------------------------------------------------------- GAN
+
+
+def discriminator_update(disc, params, batch_stats, opt_state, tx, x_real: jax.Array,
+                         x_fake: jax.Array, active: jax.Array, loss: str = "hinge"
+                         ) -> tuple[Any, Any, Any, dict]:
+  """One PatchGAN step (taming's LPIPSWithDiscriminator optimizer_idx=1), jit-safe.
+
+  disc: the NLayerDiscriminator; params / batch_stats: its variables; tx: its optimizer.
+  D sees the real batch, then the (detached) fake batch, BatchNorm statistics threaded
+  through both (train mode). loss: 'hinge' or 'vanilla' (`losses.hinge_d_loss` /
+  `vanilla_d_loss`). `active` (traced bool, step >= disc_start): when False the params,
+  optimizer state and statistics are returned unchanged (no weight decay creeping in).
+  Returns (params, opt_state, batch_stats, metrics: d_loss, logits_real, logits_fake,
+  disc_grad_norm).
+  """
+  from gae_jax import losses  # pylint: disable=g-import-not-at-top
+  if loss not in ("hinge", "vanilla"):
+    raise ValueError(f"config.loss.disc_loss={loss!r}; choose 'hinge' or 'vanilla'")
+  d_fn = losses.hinge_d_loss if loss == "hinge" else losses.vanilla_d_loss
+  x_fake = jax.lax.stop_gradient(x_fake)
+
+  def loss_fn(p):
+    real, upd = disc.apply({"params": p, "batch_stats": batch_stats}, x_real, train=True,
+                           mutable=["batch_stats"])
+    fake, upd = disc.apply({"params": p, "batch_stats": upd["batch_stats"]}, x_fake,
+                           train=True, mutable=["batch_stats"])
+    return d_fn(real, fake), (upd["batch_stats"], real.mean(), fake.mean())
+
+  (d_loss, (new_stats, real_m, fake_m)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(params)
+  updates, new_opt = tx.update(grads, opt_state, params)
+  new_params = jax.tree.map(lambda p, u: p + u, params, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
+  return (keep(new_params, params), keep(new_opt, opt_state), keep(new_stats, batch_stats),
+          dict(d_loss=d_loss, logits_real=real_m, logits_fake=fake_m,
+               disc_grad_norm=global_norm(grads)))
