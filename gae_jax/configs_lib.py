@@ -560,6 +560,17 @@ def eval_config(arg: str | None, *, kind: str) -> ml_collections.ConfigDict:
           num_images=1000, max_distance=0, gain_scales=[0.01, 0.05, 0.1], gain_images=64,
           interp_steps=8, interp_pairs=8, interp_mode="slerp", knn_k=20,
           knn_temperature=0.07, knn_train_images=10_000),
+      # PAE's SSC / LPC / GSQ / eRank (evaluation/manifold.py; [I] = our choice, the paper
+      # gives none). num_images: val latents for GSQ and eRank (-1: the split; [I] GSQ on all
+      # of ImageNet val, 100 classes x 5 draws). SSC on the first ssc_images, segmented by
+      # "slic" / "felzenszwalb" superpixels, or "labels": PNG maps in label_maps matched by
+      # file name to label_images (COCO panoptic in the paper). ssc_clusters 0: k = the
+      # number of segments. LPC on the first lpc_images (0: off).
+      manifold=dict(
+          num_images=-1, ssc_images=500, segmentation="slic", label_images="", label_maps="",
+          ssc_sigma=0.1, ssc_clusters=0, slic_segments=16, slic_compactness=10.0,
+          fz_scale=100.0, fz_sigma=0.8, fz_min_size=50, lpc_images=1000,
+          lpc_rhos=[0.1, 0.5, 1.0, 2.0], gsq_classes=100, gsq_draws=5, erank_center=False),
   ))
   if a.runlocal:
     c.data.source = "embedded"
@@ -577,6 +588,10 @@ def eval_config(arg: str | None, *, kind: str) -> ml_collections.ConfigDict:
     c.eval.diagnostics.gain_images = 16
     c.eval.diagnostics.interp_pairs = 4
     c.eval.diagnostics.knn_train_images = 352
+    c.eval.manifold.num_images = 176
+    c.eval.manifold.ssc_images = 32
+    c.eval.manifold.slic_segments = 8
+    c.eval.manifold.lpc_images = 16
   return c
 
 

@@ -193,6 +193,15 @@ def write_report(workdir: str, results: dict) -> dict[str, str]:
       dg = d["decoder_gain"]
       md += _table([{"scale": s, "gain": g} for s, g in dg.items()], ["scale", "gain"])
       md.append("")
+  if "manifold" in results:
+    m = results["manifold"]
+    md += ["## Latent manifold (PAE's SSC, LPC, GSQ, eRank)", "",
+           "SSC higher is better, LPC lower, GSQ higher; erank_ratio = eRank / channels "
+           "(docs/metrics.md).", ""]
+    md += _table([m], ["ssc", "ssc_std", "lpc", "gsq", "gsq_std", "erank", "erank_ratio"])
+    md += [""] + [f"- {k}: {_fmt(m[k])}" for k in (
+        "ssc_segmentation", "ssc_num_images", "ssc_mean_segments", "lpc_per_scale",
+        "lpc_num_images", "gsq_classes_per_draw", "num_images") if k in m] + [""]
   for name, img in results.get("images", {}).items():
     files[name] = save_image(os.path.join(workdir, f"{name}.png"), img)
     md += [f"![{name}]({name}.png)", ""]

@@ -8,7 +8,7 @@ reference=/data/VIRTUAL_imagenet256_labeled.npz --workdir=/runs/eval_gen
   python -m gae_jax.main --config=configs/eval_latents.py:gae=/runs/gae_l32 --workdir=...
 
 `config.eval.kind` is one of {"generation", "reconstruction", "robustness", "linear_probe",
-"diagnostics"} or several, comma-separated (or a list). Everything is data-parallel over
+"diagnostics", "manifold"} or several, comma-separated (or a list). Everything is data-parallel over
 all devices and hosts (`evaluation.features`); only process 0 writes files.
 """
 
@@ -27,13 +27,15 @@ from gae_jax.evaluation import diagnostics as diag_lib
 from gae_jax.evaluation import features as features_lib
 from gae_jax.evaluation import generation as gen_lib
 from gae_jax.evaluation import linear_probe as probe_lib
+from gae_jax.evaluation import manifold as manifold_lib
 from gae_jax.evaluation import reconstruction_eval as rec_lib
 from gae_jax.evaluation import reference as reference_lib
 from gae_jax.evaluation import report as report_lib
 from gae_jax.trainers import common
 
-KINDS = ("generation", "reconstruction", "robustness", "linear_probe", "diagnostics")
-NEEDS_GAE = ("reconstruction", "robustness", "linear_probe", "diagnostics")
+KINDS = ("generation", "reconstruction", "robustness", "linear_probe", "diagnostics",
+         "manifold")
+NEEDS_GAE = ("reconstruction", "robustness", "linear_probe", "diagnostics", "manifold")
 RANDOM_GAE = "random"
 RANDOM_GAE_NOTE = ("gae.init_from='random': a randomly initialised tiny GAE (smoke test of "
                    "the pipeline); its numbers mean nothing about any trained model.")
@@ -266,6 +268,33 @@ def run_diagnostics(config, gae, data, mesh, cache: dict) -> tuple[dict, dict]:
   return out, images_out
 
 
+def run_manifold(config, tok, data, mesh, cache: dict) -> dict:
+  """PAE's SSC / LPC / GSQ / eRank (evaluation/manifold.py) of any tokenizer handle."""
+  m = config.eval.manifold
+  if m.segmentation not in manifold_lib.SEGMENTATIONS:
+    raise ValueError(f"config.eval.manifold.segmentation={m.segmentation!r}: expected one of "
+                     f"{manifold_lib.SEGMENTATIONS}")
+  fns = manifold_lib.tokenizer_fns(tok)
+  split = config.eval.probe.val_split
+  val = (cache.get("val") or (None, None))[0]
+  if val is None or m.num_images < 0 or len(val) < m.num_images:
+    val = _encode(fns, data, split, m.num_images, config, mesh)[0]
+  n = len(val) if m.num_images < 0 else m.num_images
+  segs = None
+  if m.segmentation == "labels":
+    images, segs, _ = manifold_lib.load_labelled_images(
+        m.label_images, m.label_maps, int(data.image_size), m.ssc_images)
+  elif m.ssc_images:
+    u8 = list(gen_lib.data_images(data, split, config.batch_size, m.ssc_images))
+    images = features_lib.allgather_rows(np.concatenate(u8)).astype(np.float32) / 127.5 - 1.0
+  else:
+    images = None
+  lpips = _lpips_params(config) if m.lpc_images else None
+  return manifold_lib.evaluate_manifold(
+      fns, val.latents[:n], val.labels[:n], m, ssc_images=images, ssc_segmentations=segs,
+      mesh=mesh, batch_size=config.batch_size, seed=config.seed, lpips_params=lpips)
+
+
 # ------------------------------------------------------------------------------------------
 # Stage.
 
@@ -284,7 +313,8 @@ def plan(config) -> dict:
           "robustness_scales": list(e.robustness.scales) if "robustness" in ks else None,
           "generation": dict(e.generation.to_dict()) if "generation" in ks else None,
           "probe": dict(e.probe.to_dict()) if "linear_probe" in ks else None,
-          "diagnostics": dict(e.diagnostics.to_dict()) if "diagnostics" in ks else None}
+          "diagnostics": dict(e.diagnostics.to_dict()) if "diagnostics" in ks else None,
+          "manifold": dict(e.manifold.to_dict()) if "manifold" in ks else None}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, gae=None) -> dict:
@@ -332,6 +362,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, gae=N
       out, imgs = run_diagnostics(config, gae, data, mesh, cache)
       results["diagnostics"] = out
       results["images"].update(imgs)
+    elif kind == "manifold":
+      results["manifold"] = run_manifold(config, gae, data, mesh, cache)
     results["timings_s"][kind] = round(time.perf_counter() - t0, 2)
   n_fid = [r["num_images"] for k in ("reconstruction", "robustness") if k in results
            for r in results[k]["per_scale"] if "rfid" in r]
