@@ -11,6 +11,8 @@ the params as an argument (never baked-in constants).
   inc = load_inception()                # .features(uint8 images) -> (B, 2048)
 """
 
+import functools
+import json
 import os
 from typing import Any, Optional
 
@@ -19,7 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from gae_jax import flow
 from gae_jax import loading
 from gae_jax import paths
 from gae_jax.models import dinov2 as dinov2_lib
@@ -201,8 +205,165 @@ def load_teacher(path: str, *, vfm_weights: Optional[str] = None, dtype=jnp.floa
   return TeacherHandle(fields, variables, vfm_vars, dtype=dtype)
 
 
-# Stage 3: the authors' / our LightningDiT checkpoints (implemented in convert/dit.py).
-from gae_jax.convert.dit import DiTHandle, load_dit, load_dit_params  # noqa: E402,F401
+# ----------------------------------------------------------------------------------------
+# Stage 3: the authors' LightningDiT `.pt` (convert/dit.py) or a gae_jax flow workdir.
+
+
+def _read_flow_workdir(path: str, *, use_ema: bool, step: Optional[int]
+                       ) -> tuple[dict, dict, Optional[str]]:
+  """(params, model kwargs, the run's latent-cache stats.npz or None) of a flow workdir."""
+  from gae_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from gae_jax.convert import dit as convert_dit_lib  # pylint: disable=g-import-not-at-top
+  from gae_jax.convert import torch_io  # pylint: disable=g-import-not-at-top
+  from gae_jax.models import dit as dit_lib  # pylint: disable=g-import-not-at-top
+  config_path, ckpt_dir = loading.find_workdir(path)
+  cfg = json.loads(paths.path(config_path).read_text())
+  if cfg.get("stage") != "flow":
+    raise ValueError(f"{config_path} is a {cfg.get('stage')!r} run, not a 'flow' run")
+  state = ckpt_lib.restore_params(ckpt_dir, step=step, keys=("params", "ema_params"))
+  params = state.get("ema_params") if use_ema else None
+  if params is None:
+    params = state["params"]
+  m = cfg["model"]
+  kw = dict(**dit_lib.decode_variant(m["variant"].split("/")[0]),
+            patch_size=int(m["patch_size"]), in_channels=int(m["latent_dim"]),
+            num_classes=int(m["num_classes"]),
+            class_dropout_prob=float(m["class_dropout_prob"]), qk_norm=bool(m["qk_norm"]),
+            use_rope=bool(m["use_rope"]), use_abs_pos=bool(m["use_abs_pos"]),
+            latent_size=int(m["latent_size"]))
+  torch_io.check_tree_matches(params, convert_dit_lib.reference_params(kw), f"{ckpt_dir}")
+  cache = (cfg.get("data") or {}).get("cache_dir")
+  stats = os.fspath(paths.path(cache) / "stats.npz") if cache else None
+  return (jax.tree.map(np.asarray, params), kw,
+          stats if stats and paths.path(stats).is_file() else None)
+
+
+def load_dit_params(path: str, *, use_ema: bool = True, num_heads: Optional[int] = None,
+                    step: Optional[int] = None, weights_only: bool = True
+                    ) -> tuple[dict, dict, Optional[str]]:
+  """(params, model kwargs incl. latent_size, default stats path or None).
+
+  path: the authors' `.pt` (`ema` by default, else `model`; a bare state dict also works)
+  or a gae_jax flow workdir / its checkpoints/ dir (EMA params by default).
+  """
+  from gae_jax.convert import dit as convert_dit_lib  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  if not paths.path(path).exists():
+    raise FileNotFoundError(f"DiT checkpoint {path} does not exist")
+  if paths.path(path).is_file():
+    return convert_dit_lib.load_release_dit_params(path, use_ema=use_ema, num_heads=num_heads,
+                                                   weights_only=weights_only)
+  return _read_flow_workdir(path, use_ema=use_ema, step=step)
+
+
+class DiTHandle:
+  """A frozen LightningDiT with its latent statistics.
+
+  velocity(x, t, y): x (B, h, w, d) latents in the DiT's normalised space, t (B,) or scalar
+  in [0, 1] (0 = noise, 1 = data), y (B,) int labels (`null_label` = num_classes is the
+  unconditional class) -> v (B, h, w, d) float32.
+  sample(...): the whole sampler in one jit (see `sample`).
+  """
+
+  def __init__(self, params: Any, config: dict, stats=None, *, dtype=jnp.float32,
+               source: str = "<params>"):
+    from gae_jax.convert import dit as convert_dit_lib  # pylint: disable=g-import-not-at-top
+    from gae_jax.convert import torch_io  # pylint: disable=g-import-not-at-top
+    from gae_jax.models import dit as dit_lib  # pylint: disable=g-import-not-at-top
+    self.config = dict(config)
+    self.source = source
+    self.model = dit_lib.LightningDiT(
+        **{k: v for k, v in self.config.items() if k != "latent_size"}, dtype=dtype)
+    torch_io.check_tree_matches(nn.meta.unbox(params),
+                                convert_dit_lib.reference_params(self.config), source)
+    self.params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
+                                              nn.meta.unbox(params)))
+    self.mean = self.std = None
+    if stats is not None:
+      mean, std = (np.asarray(a, np.float32).reshape(-1) for a in stats)
+      if mean.shape != (self.config["in_channels"],) or std.shape != mean.shape:
+        raise ValueError(f"latent stats of shapes {mean.shape}/{std.shape} do not match the "
+                         f"DiT's {self.config['in_channels']} channels")
+      self.mean, self.std = jnp.asarray(mean), jnp.asarray(std)
+    model = self.model
+    self._velocity = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+
+  @property
+  def num_classes(self) -> int:
+    return self.model.num_classes
+
+  @property
+  def null_label(self) -> int:
+    return self.model.null_label
+
+  @property
+  def latent_shape(self) -> tuple[int, int, int]:
+    s = self.config.get("latent_size", 16)
+    return (s, s, self.config["in_channels"])
+
+  def velocity(self, x, t, y) -> jax.Array:
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim != 4 or x.shape[-1] != self.config["in_channels"]:
+      raise ValueError(f"velocity expects x of shape (B, h, w, {self.config['in_channels']}), "
+                       f"got {x.shape}")
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (x.shape[0],))
+    return self._velocity(self.params, x, t, y)
+
+  def denormalize(self, x) -> jax.Array:
+    """DiT space -> tokenizer latent space: x * std + mean."""
+    if self.mean is None:
+      raise ValueError(f"DiT from {self.source} has no latent statistics: pass stats=")
+    return jnp.asarray(x) * self.std + self.mean
+
+  def sample(self, labels, *, rng=0, noise=None, mode: str = "sde", num_steps: int = 250,
+             shift: float = 1.0, cfg_scale: float = 1.0, cfg_interval: float = 0.0,
+             last_step: str = "release", denormalize: bool = True) -> jax.Array:
+    """Latents for `labels` (B,) ints: SDE/Euler/Heun over the shifted grid, optional CFG
+    (scale w on all channels for t >= cfg_interval); noise defaults to N(0, I) from rng.
+    Returns tokenizer-space latents (x * std + mean) when `denormalize` and stats are known."""
+    labels = jnp.asarray(labels, jnp.int32)
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    k_noise, k_sde = jax.random.split(key)
+    if noise is None:
+      noise = jax.random.normal(k_noise, (labels.shape[0], *self.latent_shape), jnp.float32)
+    out = _sample_jit(self.model, self.params, jnp.asarray(noise, jnp.float32), labels, k_sde,
+                      mode=mode, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
+                      cfg_interval=cfg_interval, last_step=last_step)
+    return self.denormalize(out) if denormalize and self.mean is not None else out
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mode", "num_steps", "shift",
+                                             "cfg_scale", "cfg_interval", "last_step"))
+def _sample_jit(model, params, noise, labels, rng, *, mode, num_steps, shift, cfg_scale,
+                cfg_interval, last_step):
+  v_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
+  if cfg_scale != 1.0:
+    v_fn = flow.cfg_velocity(v_fn, cfg_scale, null_label=model.null_label,
+                             interval_start=cfg_interval)
+  return flow.sample(v_fn, noise, labels, rng, mode=mode, num_steps=num_steps, shift=shift,
+                     last_step=last_step)
+
+
+def load_dit(path: str, stats: Optional[str] = None, *, use_ema: bool = True,
+             num_heads: Optional[int] = None, step: Optional[int] = None,
+             dtype=jnp.float32, weights_only: bool = True) -> DiTHandle:
+  """A frozen DiT from the authors' `.pt` or a gae_jax flow workdir.
+
+  stats: `latents_stats.pt`, a `stats.npz` or a latent cache dir; default: the
+  `latents_stats.pt` beside the `.pt` (or in its config's data_path), or the flow run's
+  cache. Without any, `.sample(..., denormalize=True)` returns normalised latents.
+  num_heads: override the heads inferred from the `.pt` (its config's model_type or the
+  released width table). Raises FileNotFoundError / ValueError naming the path.
+  """
+  from gae_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
+  params, kw, default_stats = load_dit_params(path, use_ema=use_ema, num_heads=num_heads,
+                                              step=step, weights_only=weights_only)
+  stats_path = stats or default_stats
+  loaded = latents_lib.load_stats(stats_path) if stats_path else None
+  if loaded is None:
+    logging.warning("load_dit: no latent statistics for %s", path)
+  return DiTHandle(params, kw, loaded, dtype=dtype, source=os.fspath(path))
 
 
 # Trainer-side helpers that lived here before; they moved to gae_jax.loading.

@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from gae_jax import pretrained  # noqa: E402
 from gae_jax.convert import dit as dit_convert  # noqa: E402
 from gae_jax.models import dit as dit_lib  # noqa: E402
 
@@ -45,7 +46,7 @@ def test_export_load_roundtrip_identical(tmp_path):
       np.float32)
   torch.save({"mean": torch.from_numpy(mean).reshape(1, 4, 1, 1),
               "std": torch.from_numpy(std).reshape(1, 4, 1, 1)}, tmp_path / "latents_stats.pt")
-  h = dit_convert.load_dit(path, num_heads=4)            # EMA weights, stats found beside
+  h = pretrained.load_dit(path, num_heads=4)            # EMA weights, stats found beside
   assert h.config["qk_norm"] and h.num_classes == 10 and h.null_label == 10
   np.testing.assert_allclose(np.asarray(h.mean), mean)
   np.testing.assert_allclose(np.asarray(h.std), std)
@@ -56,7 +57,7 @@ def test_export_load_roundtrip_identical(tmp_path):
   apply = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
   want = apply(ema, x, t, y)
   np.testing.assert_array_equal(np.asarray(h.velocity(x, t, y)), np.asarray(want))
-  h_model = dit_convert.load_dit(path, num_heads=4, use_ema=False)
+  h_model = pretrained.load_dit(path, num_heads=4, use_ema=False)
   np.testing.assert_array_equal(np.asarray(h_model.velocity(x, t, y)),
                                 np.asarray(apply(params, x, t, y)))
   # Round trip of the state dict itself.
@@ -110,6 +111,6 @@ def test_errors_name_the_key_and_shapes(tmp_path):
   txt = tmp_path / "notes.txt"
   txt.write_text("x")
   with pytest.raises(ValueError, match="notes.txt"):
-    dit_convert.load_dit(str(txt))
+    pretrained.load_dit(str(txt))
   with pytest.raises(FileNotFoundError):
-    dit_convert.load_dit(str(tmp_path / "missing.pt"))
+    pretrained.load_dit(str(tmp_path / "missing.pt"))

@@ -260,8 +260,8 @@ def compare_dit(path: str, *, variant: str = "B/1", batch: int = 4, sample_batch
   """DiT train step and `num_steps`-point Euler sampling: the release vs gae_jax."""
   import torch  # pylint: disable=g-import-not-at-top
   from gae_jax import configs_lib  # pylint: disable=g-import-not-at-top
+  from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
   from gae_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from gae_jax.convert import dit as convert_dit  # pylint: disable=g-import-not-at-top
   from gae_jax.trainers import flow as flow_trainer  # pylint: disable=g-import-not-at-top
   size = f"LightningDiT-{variant}, {latent_size}x{latent_size}x{latent_dim} latents"
   train_task, sample_task = "dit_train_step", f"dit_sample_{num_steps}"
@@ -270,7 +270,7 @@ def compare_dit(path: str, *, variant: str = "B/1", batch: int = 4, sample_batch
     return [_row(train_task, size, batch, status=f"not run: {why}"),
             _row(sample_task, size, sample_batch, status=f"not run: {why}")]
   model, transport_pkg, params, kw = got
-  handle = convert_dit.DiTHandle(params, kw, source="release LightningDiT")
+  handle = pretrained.DiTHandle(params, kw, source="release LightningDiT")
   rng = np.random.default_rng(seed)
   shape = (latent_size, latent_size, latent_dim)
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa

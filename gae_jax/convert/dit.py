@@ -18,12 +18,11 @@ Sizes come from the shapes; heads from the checkpoint's `config.model.model_type
 released size table (width 768 -> 12, 1024 -> 16, 1152 -> 16, 1536 -> 24, 1792 -> 28).
 The latent statistics are `latents_stats.pt` ({'mean', 'std'} (1, d, 1, 1)).
 
-`load_dit(path, stats=None)` reads such a `.pt` or a gae_jax flow workdir (EMA params by
-default) and returns a `DiTHandle` with `.velocity(x, t, y)` and `.sample(...)`.
+`load_release_dit_params(path)` reads such a `.pt`; the user-facing
+`gae_jax.pretrained.load_dit(path, stats=None)` takes it or a gae_jax flow workdir and
+returns a `DiTHandle` with `.velocity(x, t, y)` and `.sample(...)`.
 """
 
-import functools
-import json
 import os
 import re
 from typing import Any, Mapping, Optional
@@ -34,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gae_jax import flow
 from gae_jax.convert import torch_io
 from gae_jax.models import dit as dit_lib
 
@@ -267,176 +265,39 @@ def _numpy_sd(obj: Mapping[str, Any], path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def load_dit_params(path: str, *, use_ema: bool = True, num_heads: Optional[int] = None,
-                    step: Optional[int] = None, weights_only: bool = True
-                    ) -> tuple[dict, dict, Optional[str]]:
-  """(params, model kwargs incl. latent_size, default stats path or None).
+def load_release_dit_params(path: str, *, use_ema: bool = True,
+                            num_heads: Optional[int] = None, weights_only: bool = True
+                            ) -> tuple[dict, dict, Optional[str]]:
+  """(params, model kwargs incl. latent_size, default stats path or None) of the authors'
+  `.pt` (`ema` by default, else `model`; a bare state dict also works).
 
-  path: the authors' `.pt` (`ema` by default, else `model`; a bare state dict also works)
-  or a gae_jax flow workdir / its checkpoints/ dir (EMA params by default).
+  The default stats path is the `latents_stats.pt` beside the file (or in its config's
+  data.data_path) when it exists. `gae_jax.pretrained.load_dit` is the user-facing loader.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not os.path.isfile(path):
     raise FileNotFoundError(f"DiT checkpoint {path} does not exist")
-  if os.path.isfile(path):
-    if not path.endswith(torch_io.TORCH_SUFFIXES):
-      raise ValueError(f"{path} is a file but not a PyTorch checkpoint "
-                       f"({', '.join(torch_io.TORCH_SUFFIXES)}); pass a flow workdir or .pt")
-    obj = _torch_load(path, weights_only)
-    if not isinstance(obj, Mapping):
-      raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
-    config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
-    key = None
-    if "ema" in obj or "model" in obj:
-      key = "ema" if use_ema and "ema" in obj else "model"
-      if key not in obj:
-        raise ValueError(f"{path} has no 'model' entry (keys {sorted(obj)})")
-      if use_ema and key != "ema":
-        logging.warning("load_dit: %s has no EMA weights; using 'model'", path)
-      sd = obj[key]
-    else:
-      sd = obj
-    params, kw = convert_dit(_numpy_sd(sd, path), num_heads=num_heads, config=config,
-                             source=f"{path}[{key}]" if key else path)
-    stats = os.path.join(os.path.dirname(os.path.abspath(path)), "latents_stats.pt")
-    if config and (config.get("data") or {}).get("data_path"):
-      cand = os.path.join(config["data"]["data_path"], "latents_stats.pt")
-      stats = cand if os.path.isfile(cand) else stats
-    return params, kw, stats if os.path.isfile(stats) else None
-  return _load_flow_workdir(path, use_ema=use_ema, step=step)
-
-
-def _load_flow_workdir(path: str, *, use_ema: bool, step: Optional[int]
-                       ) -> tuple[dict, dict, Optional[str]]:
-  from gae_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  if os.path.isfile(os.path.join(path, "config.json")):
-    workdir, ckpt_dir = path, os.path.join(path, "checkpoints")
-  elif os.path.isfile(os.path.join(os.path.dirname(path), "config.json")):
-    workdir, ckpt_dir = os.path.dirname(path), path
+  if not path.endswith(torch_io.TORCH_SUFFIXES):
+    raise ValueError(f"{path} is a file but not a PyTorch checkpoint "
+                     f"({', '.join(torch_io.TORCH_SUFFIXES)}); pass a flow workdir or .pt")
+  obj = _torch_load(path, weights_only)
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+  config = obj.get("config") if isinstance(obj.get("config"), Mapping) else None
+  key = None
+  if "ema" in obj or "model" in obj:
+    key = "ema" if use_ema and "ema" in obj else "model"
+    if key not in obj:
+      raise ValueError(f"{path} has no 'model' entry (keys {sorted(obj)})")
+    if use_ema and key != "ema":
+      logging.warning("load_dit: %s has no EMA weights; using 'model'", path)
+    sd = obj[key]
   else:
-    raise FileNotFoundError(f"{path} is neither a gae_jax flow workdir (config.json + "
-                            "checkpoints/) nor a PyTorch .pt checkpoint")
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = json.load(f)
-  if cfg.get("stage") != "flow":
-    raise ValueError(f"{workdir}/config.json is a {cfg.get('stage')!r} run, not a 'flow' run")
-  state = ckpt_lib.restore_params(ckpt_dir, step=step, keys=("params", "ema_params"))
-  params = state.get("ema_params") if use_ema else None
-  if params is None:
-    params = state["params"]
-  m = cfg["model"]
-  kw = dict(**dit_lib.decode_variant(m["variant"].split("/")[0]),
-            patch_size=int(m["patch_size"]), in_channels=int(m["latent_dim"]),
-            num_classes=int(m["num_classes"]),
-            class_dropout_prob=float(m["class_dropout_prob"]), qk_norm=bool(m["qk_norm"]),
-            use_rope=bool(m["use_rope"]), use_abs_pos=bool(m["use_abs_pos"]),
-            latent_size=int(m["latent_size"]))
-  torch_io.check_tree_matches(params, reference_params(kw), f"{ckpt_dir}")
-  cache = (cfg.get("data") or {}).get("cache_dir")
-  stats = os.path.join(cache, "stats.npz") if cache else None
-  return jax.tree.map(np.asarray, params), kw, stats if stats and os.path.isfile(stats) else None
-
-
-class DiTHandle:
-  """A frozen LightningDiT with its latent statistics.
-
-  velocity(x, t, y): x (B, h, w, d) latents in the DiT's normalised space, t (B,) or scalar
-  in [0, 1] (0 = noise, 1 = data), y (B,) int labels (`null_label` = num_classes is the
-  unconditional class) -> v (B, h, w, d) float32.
-  sample(...): the whole sampler in one jit (see `sample`).
-  """
-
-  def __init__(self, params: Any, config: Mapping[str, Any],
-               stats: Optional[tuple[np.ndarray, np.ndarray]] = None, *,
-               dtype=jnp.float32, source: str = "<params>"):
-    self.config = dict(config)
-    self.source = source
-    self.model = _model(self.config, dtype)
-    torch_io.check_tree_matches(nn.meta.unbox(params), reference_params(self.config), source)
-    self.params = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
-                                              nn.meta.unbox(params)))
-    self.mean = self.std = None
-    if stats is not None:
-      mean, std = (np.asarray(a, np.float32).reshape(-1) for a in stats)
-      if mean.shape != (self.config["in_channels"],) or std.shape != mean.shape:
-        raise ValueError(f"latent stats of shapes {mean.shape}/{std.shape} do not match the "
-                         f"DiT's {self.config['in_channels']} channels")
-      self.mean, self.std = jnp.asarray(mean), jnp.asarray(std)
-    model = self.model
-    self._velocity = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
-
-  @property
-  def num_classes(self) -> int:
-    return self.model.num_classes
-
-  @property
-  def null_label(self) -> int:
-    return self.model.null_label
-
-  @property
-  def latent_shape(self) -> tuple[int, int, int]:
-    s = self.config.get("latent_size", 16)
-    return (s, s, self.config["in_channels"])
-
-  def velocity(self, x, t, y) -> jax.Array:
-    x = jnp.asarray(x, jnp.float32)
-    if x.ndim != 4 or x.shape[-1] != self.config["in_channels"]:
-      raise ValueError(f"velocity expects x of shape (B, h, w, {self.config['in_channels']}), "
-                       f"got {x.shape}")
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-    y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (x.shape[0],))
-    return self._velocity(self.params, x, t, y)
-
-  def denormalize(self, x) -> jax.Array:
-    """DiT space -> GAE latent space: x * std + mean."""
-    if self.mean is None:
-      raise ValueError(f"DiT from {self.source} has no latent statistics: pass stats=")
-    return jnp.asarray(x) * self.std + self.mean
-
-  def sample(self, labels, *, rng=0, noise=None, mode: str = "sde", num_steps: int = 250,
-             shift: float = 1.0, cfg_scale: float = 1.0, cfg_interval: float = 0.0,
-             last_step: str = "release", denormalize: bool = True) -> jax.Array:
-    """Latents for `labels` (B,) ints: SDE/Euler/Heun over the shifted grid, optional CFG
-    (scale w on all channels for t >= cfg_interval); noise defaults to N(0, I) from rng.
-    Returns GAE-space latents (x * std + mean) when `denormalize` and stats are known."""
-    labels = jnp.asarray(labels, jnp.int32)
-    key = jax.random.key(rng) if isinstance(rng, int) else rng
-    k_noise, k_sde = jax.random.split(key)
-    if noise is None:
-      noise = jax.random.normal(k_noise, (labels.shape[0], *self.latent_shape), jnp.float32)
-    out = _sample_jit(self.model, self.params, jnp.asarray(noise, jnp.float32), labels, k_sde,
-                      mode=mode, num_steps=num_steps, shift=shift, cfg_scale=cfg_scale,
-                      cfg_interval=cfg_interval, last_step=last_step)
-    return self.denormalize(out) if denormalize and self.mean is not None else out
-
-
-@functools.partial(jax.jit, static_argnames=("model", "mode", "num_steps", "shift",
-                                             "cfg_scale", "cfg_interval", "last_step"))
-def _sample_jit(model, params, noise, labels, rng, *, mode, num_steps, shift, cfg_scale,
-                cfg_interval, last_step):
-  v_fn = lambda x, t, y: model.apply({"params": params}, x, t, y)
-  if cfg_scale != 1.0:
-    v_fn = flow.cfg_velocity(v_fn, cfg_scale, null_label=model.null_label,
-                             interval_start=cfg_interval)
-  return flow.sample(v_fn, noise, labels, rng, mode=mode, num_steps=num_steps, shift=shift,
-                     last_step=last_step)
-
-
-def load_dit(path: str, stats: Optional[str] = None, *, use_ema: bool = True,
-             num_heads: Optional[int] = None, step: Optional[int] = None,
-             dtype=jnp.float32, weights_only: bool = True) -> DiTHandle:
-  """A frozen DiT from the authors' `.pt` or a gae_jax flow workdir.
-
-  stats: `latents_stats.pt`, a `stats.npz` or a latent cache dir; default: the
-  `latents_stats.pt` beside the `.pt` (or in its config's data_path), or the flow run's
-  cache. Without any, `.sample(..., denormalize=True)` returns normalised latents.
-  """
-  from gae_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
-  params, kw, default_stats = load_dit_params(path, use_ema=use_ema, num_heads=num_heads,
-                                              step=step, weights_only=weights_only)
-  stats_path = stats or default_stats
-  loaded = latents_lib.load_stats(stats_path) if stats_path else None
-  if loaded is None:
-    logging.warning("load_dit: no latent statistics for %s", path)
-  return DiTHandle(params, kw, loaded, dtype=dtype, source=os.fspath(path))
+    sd = obj
+  params, kw = convert_dit(_numpy_sd(sd, path), num_heads=num_heads, config=config,
+                           source=f"{path}[{key}]" if key else path)
+  stats = os.path.join(os.path.dirname(os.path.abspath(path)), "latents_stats.pt")
+  if config and (config.get("data") or {}).get("data_path"):
+    cand = os.path.join(config["data"]["data_path"], "latents_stats.pt")
+    stats = cand if os.path.isfile(cand) else stats
+  return params, kw, stats if os.path.isfile(stats) else None

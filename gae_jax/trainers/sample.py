@@ -137,7 +137,6 @@ def _resolve_gae(config, dit_path: str) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Samples, decodes and writes `<workdir>/<output>.npz` + `.png`; returns a summary."""
   from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
-  from gae_jax.convert import dit as dit_convert  # pylint: disable=g-import-not-at-top
   s = config.sample
   if not config.dit.init_from:
     raise ValueError("config.dit.init_from must name a flow workdir or the authors' .pt")
@@ -145,9 +144,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding_lib.make_mesh(config.mesh)
   rules = sharding_lib.rules_from_config(config.sharding_rules)
   sharding_lib.global_batch_check(config.batch_size, mesh, rules)
-  handle = dit_convert.load_dit(config.dit.init_from, config.dit.stats,
-                                use_ema=config.dit.use_ema, num_heads=config.dit.num_heads,
-                                dtype=common.compute_dtype(config))
+  handle = pretrained.load_dit(config.dit.init_from, config.dit.stats,
+                               use_ema=config.dit.use_ema, num_heads=config.dit.num_heads,
+                               dtype=common.compute_dtype(config))
   if handle.mean is None:
     raise ValueError(f"no latent statistics for {config.dit.init_from}: set config.dit.stats")
   if s.num_classes != handle.num_classes:
