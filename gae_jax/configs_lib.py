@@ -260,7 +260,12 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
       kl_weight=0.1 if a.kl else 0.0,          # paper Tab. 7 KL-VAE weight
       kl_reduction="mean",                     # released per-element mean (losses.kl_loss)
       sp_weight=1.0,                           # lambda_sp; active once a teacher is set
-      sp_align="latent"))                      # Tab. 1: latent (GAE) | pre | post
+      sp_align="latent",                       # Tab. 1: latent (GAE) | pre | post
+      # Before disc_start the GAN weight is 0 and the discriminator frozen: steps there
+      # run a program without it (trainers/autoencoder.py Setup.step_fn).
+      skip_disc_before_start=True))
+  # PatchGAN compute dtype (None: float32); its params and AdamW state stay float32.
+  c.disc_dtype = ml_collections.FieldReference(None, field_type=str)
   # L_sp's frozen side. init_from: a stage-1 teacher workdir / converted dir or the
   # authors' latest.pth (needed for 'latent'); vfm/vfm_weights/vfm_image_size: the VFM for
   # 'pre'/'post' (default: the teacher's own). Each VFM gets the images at its own size.

@@ -34,9 +34,24 @@ def build_models(config):
   param_dtype = jnp.dtype(config.param_dtype)
   model = gae_lib.make_gae(config.model, dtype=dtype, param_dtype=param_dtype)
   disc = disc_lib.NLayerDiscriminator(n_layers=config.loss.disc_layers,
-                                      ndf=config.loss.disc_ndf)
+                                      ndf=config.loss.disc_ndf, dtype=disc_dtype(config),
+                                      param_dtype=param_dtype)
   lpips = vgg.LPIPS(dtype=common.frozen_dtype(config))
   return model, disc, lpips
+
+
+def disc_dtype(config) -> jnp.dtype:
+  """Compute dtype of the PatchGAN: `config.disc_dtype` ("bfloat16" / "float32"), float32
+  when it is None or absent. The discriminator is trained, so its parameters and optimizer
+  state stay in `config.param_dtype` (float32) whatever this says; BatchNorm statistics are
+  reduced in float32 (flax's default)."""
+  name = config.get("disc_dtype")
+  if not name:
+    return jnp.dtype(jnp.float32)
+  if name not in ("bfloat16", "float16", "float32"):
+    raise ValueError(f"config.disc_dtype={name!r}; choose from bfloat16, float16, float32 "
+                     "(or None: float32)")
+  return jnp.dtype(name)
 
 
 def _init_fn(config, model, disc, rng):
@@ -201,17 +216,30 @@ def semantic_loss(aux: dict, images: jax.Array, frozen: dict, config,
 
 
 def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, disc, lpips,
-               config) -> tuple[common.TrainState, dict]:
-  """One generator + discriminator update. Pure; jitted once with shardings and donation."""
+               config, disc_active: bool | None = None) -> tuple[common.TrainState, dict]:
+  """One generator + discriminator update. Pure; jitted once with shardings and donation.
+
+  disc_active (static): None, the one program for every step: the discriminator runs, and
+  `step >= loss.disc_start` selects whether its update is kept and its loss weighted.
+  False: the program for steps before disc_start (`Setup.step_for`): the GAN term is 0 and
+  the discriminator does not run (no forward, backward or update); its state passes through
+  and g_loss, d_loss, logits_real/fake and disc_grad_norm are reported as 0. Before
+  disc_start it gives the bit-identical new state and generator metrics of the None program
+  (tests/test_disc_skip.py).
+  """
+  if disc_active not in (None, False):
+    raise ValueError(f"disc_active={disc_active!r}; None (disc_start decides) or False")
   lc = config.loss
   x = batch["image"]
   rng = common.step_rng(state.rng, state.step)
   k_noise = jax.random.fold_in(rng, 0)
+  run_disc = disc_active is None
   disc_on = state.step >= lc.disc_start
   disc_factor = disc_on.astype(jnp.float32)
   d_vars = lambda p, bs: {"params": p, "batch_stats": bs}
   disc_params = state.params["discriminator"]
   disc_stats = state.model_state["discriminator"]
+  zero = jnp.zeros((), jnp.float32)
 
   def forward(gparams):
     if lc.get("sp_align", "latent") == "pre" and "teacher" in frozen:
@@ -231,9 +259,12 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
     p = lpips.apply(frozen["lpips"], x, x_hat)
     rec = lc.l1_weight * l1 + lc.lpips_weight * p[:, None, None, None]
     nll = losses.nll_loss(rec, gparams["logvar"])
-    logits_fake = disc.apply(d_vars(disc_params, disc_stats), x_hat, train=True,
-                             mutable=["batch_stats"])[0]
-    g = losses.generator_loss(logits_fake)
+    if run_disc:
+      logits_fake = disc.apply(d_vars(disc_params, disc_stats), x_hat, train=True,
+                               mutable=["batch_stats"])[0]
+      g = losses.generator_loss(logits_fake)
+    else:
+      g = zero
     return nll, g, dict(l1=l1.mean(), lpips=p.mean(), rec=rec.mean(), g_loss=g)
 
   def gan_weight(gparams):
@@ -253,7 +284,9 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
   def g_loss_fn(gparams):
     x_hat, aux = forward(gparams)
     nll, g, terms = loss_terms(gparams, x_hat, aux)
-    w_gan = jax.lax.stop_gradient(gan_weight(gparams))
+    # Without the discriminator the adaptive weight's VJPs would only see g = 0.
+    w_gan = (gan_weight(gparams) if run_disc or not lc.adaptive_disc_weight else zero)
+    w_gan = jax.lax.stop_gradient(w_gan)
     total = nll + w_gan * disc_factor * g
     if model.kl:
       kl = losses.kl_loss(aux["kl_mean"], aux["kl_logvar"],
@@ -282,16 +315,24 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
     d_fn = losses.hinge_d_loss if lc.disc_loss == "hinge" else losses.vanilla_d_loss
     return d_fn(real, fake), (upd["batch_stats"], real.mean(), fake.mean())
 
-  (d_loss, (new_stats, real_m, fake_m)), d_grads = jax.value_and_grad(
-      d_loss_fn, has_aux=True)(disc_params)
-  d_updates, d_opt = tx["discriminator"].update(d_grads, state.opt_state["discriminator"],
-                                                disc_params)
-  new_d = jax.tree.map(lambda p, u: p + u, disc_params, d_updates)
-  # Before disc_start the discriminator is frozen (no weight decay creeping in either).
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(disc_on, a, b), new, old)
-  new_d = keep(new_d, disc_params)
-  d_opt = keep(d_opt, state.opt_state["discriminator"])
-  new_stats = keep(new_stats, disc_stats)
+  def d_update():
+    (d_loss, (new_stats, real_m, fake_m)), d_grads = jax.value_and_grad(
+        d_loss_fn, has_aux=True)(disc_params)
+    d_updates, d_opt = tx["discriminator"].update(d_grads, state.opt_state["discriminator"],
+                                                  disc_params)
+    new_d = jax.tree.map(lambda p, u: p + u, disc_params, d_updates)
+    return new_d, d_opt, new_stats, (d_loss, real_m, fake_m, common.global_norm(d_grads))
+
+  if not run_disc:
+    new_d, d_opt, new_stats = disc_params, state.opt_state["discriminator"], disc_stats
+    d_loss = real_m = fake_m = d_grad_norm = zero
+  else:
+    new_d, d_opt, new_stats, (d_loss, real_m, fake_m, d_grad_norm) = d_update()
+    # Before disc_start the discriminator is frozen (no weight decay creeping in either).
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(disc_on, a, b), new, old)
+    new_d = keep(new_d, disc_params)
+    d_opt = keep(d_opt, state.opt_state["discriminator"])
+    new_stats = keep(new_stats, disc_stats)
 
   ema = state.ema_params
   if ema is not None:
@@ -305,7 +346,7 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
   out.update(
       d_loss=d_loss, logits_real=real_m, logits_fake=fake_m, disc_active=disc_factor,
       logvar=gparams["logvar"], psnr=jnp.mean(10 * jnp.log10(4.0 / jnp.maximum(mse, 1e-10))),
-      grad_norm=common.global_norm(g_grads), disc_grad_norm=common.global_norm(d_grads),
+      grad_norm=common.global_norm(g_grads), disc_grad_norm=d_grad_norm,
       param_norm=common.global_norm(new_g), update_norm=common.global_norm(g_updates),
       lr=common.learning_rate_schedule(config.optim, config.total_steps)(state.step))
   # Generator and discriminator as one update: a non-finite loss, gradient or new
@@ -389,11 +430,12 @@ class Setup:
                      out_shardings=self.state_shardings)()
 
   def compile_train_step(self, frozen, donate: bool | None = None,
-                         return_lowered: bool = False):
+                         return_lowered: bool = False, disc_active: bool | None = None):
     """AOT-compiled train_step; donate (the state) defaults to config.donate;
-    return_lowered: (compiled, lowered) as common.compile_step."""
+    return_lowered: (compiled, lowered) as common.compile_step; disc_active: train_step's
+    (None: the full program; False: the one for steps before loss.disc_start)."""
     step = functools.partial(train_step, model=self.model, disc=self.disc, lpips=self.lpips,
-                             config=self.config)
+                             config=self.config, disc_active=disc_active)
     size = self.config.data.image_size
     batch = {"image": jax.ShapeDtypeStruct((self.config.batch_size, size, size, 3),
                                            jnp.float32, sharding=self.data_sharding),
@@ -407,6 +449,32 @@ class Setup:
         sharding_lib.replicated(self.mesh), (self.abstract_state, batch, frozen_abs),
         self.mesh, donate=self.config.get("donate", True) if donate is None else donate,
         rules=self.rules, return_lowered=return_lowered)
+
+  def step_fn(self, frozen, start_step: int):
+    """(state, batch) -> (state, metrics) for the loop, from host step `start_step` on.
+
+    With loss.skip_disc_before_start, steps before loss.disc_start run the program without
+    the discriminator (train_step disc_active=False) and later steps the full one; each is
+    compiled when first needed (a run that ends by disc_start, like runlocal, compiles only
+    the first). Otherwise every step runs the full program.
+    """
+    lc = self.config.loss
+    skip = bool(lc.get("skip_disc_before_start", False))
+    programs, host = {}, {"step": int(start_step)}
+
+    def program():
+      active = False if skip and host["step"] < lc.disc_start else None
+      if active not in programs:
+        programs[active] = self.compile_train_step(frozen, disc_active=active)
+      return programs[active]
+
+    program()   # compile the first before the loop starts
+
+    def call(state, batch):
+      out = program()(state, batch, frozen)
+      host["step"] += 1
+      return out
+    return call
 
   def eval_fn(self):
     return sharding_lib.with_mesh_rules(
@@ -521,7 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = common.restore_or_init(ckpt, s.abstract_state, train_iter, init, config.total_steps)
   if state is None:
     return {}
-  compiled = s.compile_train_step(frozen)
+  step_fn = s.step_fn(frozen, int(state.step))
   eval_fn = s.eval_fn()
   eval_batch = s.eval_batch()
 
@@ -544,7 +612,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return em
 
   return common.run_loop(
-      config, workdir, state=state, step_fn=lambda st, b: compiled(st, b, frozen),
+      config, workdir, state=state, step_fn=step_fn,
       train_iter=train_iter, data_sharding=s.data_sharding, ckpt=ckpt,
       log_keys=log_keys(config), periodic=((config.image_every, evaluate),))
 
