@@ -86,7 +86,7 @@ def detect_layout(state_dict: Mapping[str, Any], prefix: Optional[str] = None
 
 
 def _rules(layout: str, p: str, depth: int, ffn: str, num_registers: int, width: int,
-           num_heads: int) -> tuple[list[Rule], list[str]]:
+           num_heads: int, final_norm_affine: bool = True) -> tuple[list[Rule], list[str]]:
   """Conversion rules and the known-unused keys (mask token) for one layout."""
   hd = width // num_heads
   qkv_kernel = lambda w: linear(w).reshape(width, 3, num_heads, hd)
@@ -121,8 +121,9 @@ def _rules(layout: str, p: str, depth: int, ffn: str, num_registers: int, width:
       for n in names:
         add(f"{t}mlp/{n}/kernel", f"{s}mlp.{n}.weight", fn=linear)
         add(f"{t}mlp/{n}/bias", f"{s}mlp.{n}.bias")
-    add("norm/scale", f"{p}norm.weight")
-    add("norm/bias", f"{p}norm.bias")
+    if final_norm_affine:
+      add("norm/scale", f"{p}norm.weight")
+      add("norm/bias", f"{p}norm.bias")
     return rules, [f"{p}mask_token"]
 
   e = f"{p}embeddings."
@@ -163,8 +164,9 @@ def _rules(layout: str, p: str, depth: int, ffn: str, num_registers: int, width:
       add(f"{t}mlp/w12/bias", f"{s}mlp.gate_proj.bias", f"{s}mlp.up_proj.bias", fn=cat_bias)
       add(f"{t}mlp/w3/kernel", f"{s}mlp.down_proj.weight", fn=linear)
       add(f"{t}mlp/w3/bias", f"{s}mlp.down_proj.bias")
-  add("norm/scale", f"{p}layernorm.weight")
-  add("norm/bias", f"{p}layernorm.bias")
+  if final_norm_affine:
+    add("norm/scale", f"{p}layernorm.weight")
+    add("norm/bias", f"{p}layernorm.bias")
   return rules, [f"{e}mask_token"]
 
 
@@ -221,6 +223,12 @@ def infer_config(state_dict: Mapping[str, Any], prefix: Optional[str] = None,
       # Hugging Face never does; both antialias iff the model has registers.
       interpolate_offset=0.1 if (layout == "hub" and not num_registers) else 0.0,
       interpolate_antialias=bool(num_registers))
+  norm_keys = (f"{p}norm.weight", f"{p}norm.bias") if layout == "hub" else (
+      f"{p}layernorm.weight", f"{p}layernorm.bias")
+  if not any(k in sd for k in norm_keys):
+    # PAE's frozen VFM: the final LayerNorm's weight and bias were set to None (so they are
+    # absent from its state dict); a file with one of the two fails as a missing key.
+    info["final_norm_affine"] = False
   return info, layout, p
 
 
@@ -255,7 +263,7 @@ def convert_dinov2(state_dict: Mapping[str, Any], *, prefix: Optional[str] = Non
                                   depth=info.get("depth"), num_heads=info.get("num_heads"),
                                   ffn=info.get("ffn"))
   rules, ignore = _rules(layout, p, cfg["depth"], cfg["ffn"], info["num_registers"],
-                         cfg["width"], cfg["num_heads"])
+                         cfg["width"], cfg["num_heads"], info.get("final_norm_affine", True))
   params = torch_io.apply_rules(sd, rules, param_shapes(info), ignore=ignore, strict=strict,
                                 source=f"DINOv2 checkpoint ({layout} layout)")
   return params, info
@@ -311,6 +319,7 @@ def to_torch_hub(params: Mapping[str, Any], info: Mapping[str, Any], *,
     for n, layer in b["mlp"].items():
       sd[f"{s}mlp.{n}.weight"] = lin(layer["kernel"])
       sd[f"{s}mlp.{n}.bias"] = np_(layer["bias"])
-  sd["norm.weight"] = np_(params["norm"]["scale"])
-  sd["norm.bias"] = np_(params["norm"]["bias"])
+  if "norm" in params:  # absent for final_norm_affine=False
+    sd["norm.weight"] = np_(params["norm"]["scale"])
+    sd["norm.bias"] = np_(params["norm"]["bias"])
   return sd

@@ -301,7 +301,11 @@ class DinoV2(nn.Module):
   Give `variant` ("S", "B", "L", "g") or set `variant=None` and width/depth/num_heads/ffn
   explicitly (explicit values must agree with the variant when both are given).
   `interpolate_antialias=None` means "antialias iff num_registers > 0" (both releases);
-  `interpolate_offset=0.1` reproduces torch-hub models without registers, 0.0 Hugging Face.
+  `interpolate_offset=0.1` reproduces torch-hub models without registers, 0.0 Hugging Face
+  (`Dinov2Model` and `Dinov2WithRegistersModel` of transformers resize to `size=(gh, gw)`;
+  with registers they antialias). `final_norm_affine=False` drops the final LayerNorm's
+  weight and bias (no `norm` parameters): PAE's frozen VFM sets them to None
+  (PAE tokenizer/encoders/dinov2.py, `normalize=True`; shared/PAE_SPEC.md §2.2).
 
   Returns a dict: `cls` (B, C), `registers` (B, R, C), `patch_tokens` (B, N, C) -- all after
   the final LayerNorm (x_norm_*) -- and, with `return_intermediates=True`, `intermediates`:
@@ -319,6 +323,7 @@ class DinoV2(nn.Module):
   layer_norm_eps: float = 1e-6
   interpolate_offset: float = 0.0
   interpolate_antialias: Optional[bool] = None
+  final_norm_affine: bool = True
   attention_impl: Optional[str] = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -376,6 +381,7 @@ class DinoV2(nn.Module):
         intermediates.append(x)
     x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                      param_dtype=self.param_dtype, use_fast_variance=False,
+                     use_scale=self.final_norm_affine, use_bias=self.final_norm_affine,
                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                      bias_init=_zeros(("embed",)), name="norm")(x)
     out = {"cls": x[:, 0], "registers": x[:, 1:1 + r], "patch_tokens": x[:, 1 + r:]}
