@@ -200,6 +200,50 @@ def test_lpc_weights_constant_decoder_and_numpy_reference():
 # ---------------------------------------------------------------------------------- stage
 
 
+def test_evaluate_manifold_through_the_tokenizer_interface():
+  """A toy tokenizer handle (the agreed .encode_fn / .decode_fn interface): a 4x4 average-pool
+  encoder keeps the image's regions, so SSC against the true regions is high; a tokenizer
+  whose tokens ignore the image scores low."""
+  import types
+  import ml_collections
+  from gae_jax import configs_lib
+  rng = np.random.default_rng(0)
+  segs = _voronoi_segs(6, 32, 3, rng)
+  colours = np.array([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]])
+  images = colours[segs].astype(np.float32)                      # (6, 32, 32, 3)
+
+  def pool(params, x):
+    b = x.shape[0]
+    return x.reshape(b, 8, 4, 8, 4, 3).mean(axis=(2, 4)) * params["s"]
+
+  field = jnp.asarray(rng.normal(size=(16, 8, 8, 3)), jnp.float32)
+
+  def noise(params, x):
+    return field[:x.shape[0]] * params["s"]
+
+  def up(params, z):
+    return jnp.repeat(jnp.repeat(z / params["s"], 4, axis=1), 4, axis=2)
+
+  cfg = ml_collections.ConfigDict(configs_lib.eval_config(None, kind="manifold").eval.manifold
+                                  .to_dict())
+  cfg.segmentation = "labels"
+  cfg.label_maps = "<in-test regions>"
+  out = {}
+  for name, enc in (("pool", pool), ("noise", noise)):
+    handle = types.SimpleNamespace(family="toy", params={"s": jnp.float32(1.0)},
+                                   image_size=32, latent_shape=(8, 8, 3), encode_fn=enc,
+                                   decode_fn=up)
+    fns = mf.tokenizer_fns(handle)
+    z = np.asarray(enc(handle.params, jnp.asarray(images)))
+    out[name] = mf.evaluate_manifold(fns, z, np.arange(6) % 3, cfg, ssc_images=images,
+                                     ssc_segmentations=segs, batch_size=6)
+  assert out["pool"]["ssc"] > 0.8 > 0.3 > out["noise"]["ssc"]
+  assert out["pool"]["ssc_segmentation"] == "label maps: <in-test regions>"
+  assert "lpc" not in out["pool"]                                 # no LPIPS params: skipped
+  assert out["pool"]["num_images"] == 6 and 1.0 <= out["pool"]["erank"] <= 3.0
+
+
+
 def test_eval_stage_manifold_kind(tmp_path):
   from gae_jax.trainers import evaluate
   spec = importlib.util.spec_from_file_location(

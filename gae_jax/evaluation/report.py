@@ -199,7 +199,9 @@ def write_report(workdir: str, results: dict) -> dict[str, str]:
            "SSC higher is better, LPC lower, GSQ higher; erank_ratio = eRank / channels "
            "(docs/metrics.md).", ""]
     md += _table([m], ["ssc", "ssc_std", "lpc", "gsq", "gsq_std", "erank", "erank_ratio"])
-    md += [""] + [f"- {k}: {_fmt(m[k])}" for k in (
+    fmt = lambda v: (", ".join(f"rho={k}: {_fmt(x)}" for k, x in v.items())
+                     if isinstance(v, dict) else _fmt(v))
+    md += [""] + [f"- {k}: {fmt(m[k])}" for k in (
         "ssc_segmentation", "ssc_num_images", "ssc_mean_segments", "lpc_per_scale",
         "lpc_num_images", "gsq_classes_per_draw", "num_images") if k in m] + [""]
   for name, img in results.get("images", {}).items():
