@@ -78,10 +78,11 @@ def save_converted(dst: str, tree: Any, model_fields: dict, *, kind: str,
                    source: str = "") -> str:
   """Writes a converted network as `dst/config.json` + `dst/checkpoints/0` (orbax).
 
-  The orbax item "state" is {"step": 0, "params": P} with P = {"generator": {kind: params}}
-  for a tokenizer (kind "gae" or "pae"; the layout of an autoencoder run, so the loaders
-  and `checkpoint.restore_params(dst + "/checkpoints")` read it like a training workdir),
-  the DinoV2 params for "dinov2", the {"params", "batch_stats"} variables for "inception".
+  The orbax item "state" is {"step": 0, "params": P} with P = {"generator": {"gae": params}}
+  for kind "gae" (the layout of an autoencoder run, so `load_gae(dst)` and
+  `checkpoint.restore_params(dst + "/checkpoints")` read it like a training workdir);
+  for any other kind P is `tree` as given (DinoV2 params for "dinov2", the
+  {"params", "batch_stats"} variables for "inception", the family's layout for "pae").
   config.json: {"kind", "source", "model": model_fields}.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -92,8 +93,8 @@ def save_converted(dst: str, tree: Any, model_fields: dict, *, kind: str,
     raise FileExistsError(f"{ckpt_dir} already holds a checkpoint; choose an empty --dst")
   paths.makedirs(dst)
   tree = nn.meta.unbox(tree)
-  if kind in ("gae", "pae"):
-    tree = {"generator": {kind: tree}}
+  if kind == "gae":
+    tree = {"generator": {"gae": tree}}
   state = {"step": np.zeros((), np.int32), "params": jax.tree.map(np.asarray, tree)}
   with ocp.CheckpointManager(ckpt_dir, item_names=("state",),
                              options=ocp.CheckpointManagerOptions(create=True)) as mngr:

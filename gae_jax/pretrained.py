@@ -4,9 +4,12 @@ Images are NHWC float in [-1, 1] everywhere (except Inception, which takes uint8
 FID protocol). Every handle keeps its params on device and runs jitted functions that take
 the params as an argument (never baked-in constants).
 
-  gae = load_gae("workdir/")            # a gae_jax run, a converted dir, or the authors' .ckpt
-  mu = gae.encode(images)               # (B, h, w, d), z = mu (no sigma-noise)
-  x_hat = gae.decode(mu)                # (B, H, W, 3), unclipped
+  tok = open_tokenizer(path)           # GAE / PAE / KL: a workdir, converted dir, released file
+  z = tok.encode(images)                # (B, h, w, d); GAE: z = mu (no sigma-noise)
+  x_hat = tok.decode(z)                 # (B, H, W, 3), unclipped
+  gae = load_gae("workdir/")            # the same for a GAE only (load_pae for a PAE)
+  dit = load_dit("1000000.pt")          # .velocity(x, t, y), .sample(labels)
+  teacher = load_teacher(path)          # .latents(images)
   dino = load_dinov2(path)              # .patch_tokens(images) -> (B, N, C)
   inc = load_inception()                # .features(uint8 images) -> (B, 2048)
 """
@@ -53,6 +56,110 @@ def load_gae(path: str, *, step: Optional[int] = None, use_ema: bool = True,
   return gae_tokenizer.load(path, step=step, use_ema=use_ema, dtype=dtype,
                             num_heads=num_heads, decoder_num_heads=decoder_num_heads,
                             weights_only=weights_only)
+
+
+# ----------------------------------------------------------------------------------------
+# Any tokenizer (GAE, PAE, KL ablation) by path.
+
+# State-dict key markers of the released files (after DDP / torch.compile prefixes).
+_PAE_MARKERS = ("delta_encoder.", "latent_compressor.", "latent_decompressor.")
+_GAE_MARKERS = ("foundation_encoder.",)
+_WRAPPERS = ("module.", "_orig_mod.", "model.")
+
+
+def _file_keys(path: str, weights_only: bool) -> list[str]:
+  """The parameter names in a released weight file (top level and one nesting down)."""
+  local = paths.local_copy(path)
+  if os.fspath(path).endswith(".safetensors"):
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(os.fspath(local), framework="numpy") as f:
+      return list(f.keys())
+  import torch  # pylint: disable=g-import-not-at-top
+  try:
+    try:   # mmap: only the key index is touched (zipfile checkpoints)
+      obj = torch.load(os.fspath(local), map_location="cpu", weights_only=weights_only,
+                       mmap=True)
+    except RuntimeError:
+      obj = torch.load(os.fspath(local), map_location="cpu", weights_only=weights_only)
+  except Exception as e:  # pickle errors come in many types
+    hint = (" (weights_only=True refused it: pass weights_only=False only if you trust the "
+            "file)" if weights_only else "")
+    raise ValueError(f"cannot read torch checkpoint {path}: {type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
+  if not isinstance(obj, dict):
+    raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+  keys = [str(k) for k in obj]
+  for v in obj.values():
+    if isinstance(v, dict):
+      keys += [str(k) for k in v]
+  return keys
+
+
+def _strip_wrappers(key: str) -> str:
+  while key.startswith(_WRAPPERS):
+    key = key.split(".", 1)[1]
+  return key
+
+
+def tokenizer_family(path: str, *, weights_only: bool = True) -> str:
+  """"gae" | "kl" | "pae": which tokenizer family `path` holds, read without its weights.
+
+  A directory: its config.json — a converted dir's "kind" or a run's "stage" ("autoencoder"
+  is a GAE, "kl" when model.kl; "pae" is a PAE). A released file: its state-dict keys —
+  PAE has `delta_encoder.*` / `latent_compressor.*` (`torch.load(p)["model"]`), GAE
+  `foundation_encoder.*` (Lightning `state_dict`). Raises FileNotFoundError / ValueError
+  naming the path otherwise.
+  """
+  paths.configure_cloud_storage()
+  path = os.fspath(path)
+  if not paths.path(path).exists():
+    raise FileNotFoundError(f"tokenizer checkpoint {path} does not exist")
+  if paths.path(path).is_file():
+    if not path.endswith(loading.TORCH_SUFFIXES):
+      raise ValueError(f"{path} is a file but not a PyTorch checkpoint "
+                       f"({', '.join(loading.TORCH_SUFFIXES)}); pass a tokenizer workdir, "
+                       f"a converted directory or a released file")
+    keys = [_strip_wrappers(k) for k in _file_keys(path, weights_only)]
+    if any(k.startswith(_PAE_MARKERS) for k in keys):
+      return "pae"
+    if any(k.startswith(_GAE_MARKERS) for k in keys):
+      return "gae"
+    raise ValueError(f"{path} is neither a released GAE (keys {_GAE_MARKERS[0]}*) nor a "
+                     f"released PAE (keys {' / '.join(m + '*' for m in _PAE_MARKERS[:2])}); "
+                     f"first keys: {keys[:6]}")
+  kind, cfg, config_path = loading.read_kind(path)
+  if kind == "gae":
+    return "kl" if (cfg.get("model") or {}).get("kl") else "gae"
+  if kind == "pae":
+    return "pae"
+  raise ValueError(f"{path} holds a {kind!r} checkpoint ({config_path}), not a tokenizer "
+                   f"(a GAE / KL autoencoder or a PAE)")
+
+
+def open_tokenizer(path: str, *, step: Optional[int] = None, use_ema: bool = True,
+                   dtype=jnp.float32, weights_only: bool = True,
+                   vfm_weights: Optional[str] = None, **family_kw) -> Tokenizer:
+  """Any tokenizer by path -> its handle (`tokenizers.base.Tokenizer`).
+
+  path: a gae_jax autoencoder / PAE workdir (or its checkpoints/), a `python -m
+  gae_jax.convert gae|pae` directory, the authors' GAE Lightning `.ckpt` or their PAE
+  `.pt`; the family comes from `tokenizer_family(path)`. The handle encodes NHWC images
+  in [-1, 1] to (B, h, w, d) latents and decodes back; stages use `.encode_fn`,
+  `.decode_fn`, `.params`, `.latent_shape` and never ask for the family.
+  step / use_ema: the checkpoint step and EMA choice of a workdir. dtype: compute dtype.
+  vfm_weights: a DINOv2 file for a PAE whose file lacks its frozen VFM (unused by GAE).
+  family_kw: passed to the family loader (e.g. num_heads for a released file).
+  """
+  family = tokenizer_family(path, weights_only=weights_only)
+  common_kw = dict(step=step, use_ema=use_ema, dtype=dtype, weights_only=weights_only,
+                   **family_kw)
+  if family == "pae":
+    from gae_jax.tokenizers import pae as pae_tokenizer  # pylint: disable=g-import-not-at-top
+    return pae_tokenizer.load(path, vfm_weights=vfm_weights, **common_kw)
+  if vfm_weights is not None:
+    logging.info("open_tokenizer: %s is a %s; vfm_weights=%s is unused", path, family,
+                 vfm_weights)
+  return gae_tokenizer.load(path, **common_kw)
 
 
 # ----------------------------------------------------------------------------------------
