@@ -244,6 +244,26 @@ def load_inception(path: Optional[str] = None, **handle_kwargs):
   return convert_inception_lib.load_inception(path, **handle_kwargs)
 
 
+def load_pae(path: str, *, vfm_weights: Optional[str] = None, step: Optional[int] = None,
+             use_ema: bool = True, dtype=jnp.float32, num_heads: Optional[int] = None,
+             decoder_num_heads: Optional[int] = None, weights_only: bool = True):
+  """A frozen PAE tokenizer handle (`tokenizers.pae.PAEHandle`; PAE_SPEC.md §2).
+
+  path: the authors' released `.pt` (`torch.load(p)["model"]`, e.g. PAE-collections
+  `AE-models/dinov2-large.pt`; every size inferred from tensor shapes), a `python -m
+  gae_jax.convert pae` directory, or a gae_jax PAE workdir. vfm_weights: the Hugging Face
+  DINOv2-with-registers weights (file or directory) for a file without its frozen VFM.
+  `.encode(images)` (B, H, W, 3) in [-1, 1] -> z (B, 16, 16, d) on the sphere of radius
+  sqrt(d); `.decode(z)` -> (B, 256, 256, 3) in [-1, 1], unclipped; `.reconstruct`,
+  `.params` ({"pae", "vfm"}), `.config`. Raises FileNotFoundError / ValueError naming the
+  path and key on anything it cannot read.
+  """
+  from gae_jax.tokenizers import pae as pae_tokenizer  # pylint: disable=g-import-not-at-top
+  return pae_tokenizer.load(path, vfm_weights=vfm_weights, step=step, use_ema=use_ema,
+                            dtype=dtype, num_heads=num_heads,
+                            decoder_num_heads=decoder_num_heads, weights_only=weights_only)
+
+
 # ----------------------------------------------------------------------------------------
 # Semantic teacher (stage 1): a gae_jax teacher workdir, a converted dir, or the authors'
 # `latest.pth` (which carries its frozen DINOv2 under base_model.model.*).

@@ -4,10 +4,12 @@
   python -m gae_jax.convert dinov2 --src dinov2_vitl14_pretrain.pth --dst ~/ckpt/dinov2_l
   python -m gae_jax.convert inception [--src pt_inception-2015-12-05-6726825d.pth] --dst D
   python -m gae_jax.convert teacher --src latest.pth --dst ~/ckpt/teacher_d32
+  python -m gae_jax.convert pae --src dinov2-large.pt --dst ~/ckpt/pae_d32 \
+      [--vfm_weights facebook-dinov2-with-registers-large/]
 
 Each writes DST/config.json (the inferred model fields) and DST/checkpoints/0 (orbax, params
 only), read back by `gae_jax.pretrained.load_gae(DST)` / `load_dinov2(DST)` /
-`load_inception(DST)` / `load_teacher(DST)`; a converted GAE is laid out like an autoencoder workdir, so
+`load_inception(DST)` / `load_teacher(DST)` / `load_pae(DST)`; a converted GAE is laid out like an autoencoder workdir, so
 `config.init_from=DST` works as for a training run. Without --dst the output goes to
 `gae_jax.paths.cache_dir("converted", ...)`.
 """
@@ -46,7 +48,19 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument("--num_heads", type=int, default=None,
                  help="downsampler heads (default width / 64, as released)")
   t.add_argument("--decoder_num_heads", type=int, default=None)
-  for s in (g, d, i, t):
+  e = sub.add_parser("pae", help="the authors' PAE .pt (torch.load(p)['model']; the frozen "
+                     "DINOv2-with-registers under encoder.encoder.* or from --vfm_weights)")
+  e.add_argument("--src", required=True)
+  e.add_argument("--vfm_weights", default=None,
+                 help="Hugging Face DINOv2-with-registers weights (file or directory), for a "
+                      "file without encoder.encoder.* keys")
+  e.add_argument("--num_heads", type=int, default=None,
+                 help="VFM / DAM / compressor heads (default width / 64, as released)")
+  e.add_argument("--decoder_num_heads", type=int, default=None,
+                 help="pixel-decoder heads (default width / 64; 16 for a 1152-wide decoder)")
+  e.add_argument("--trust_pickle", action="store_true",
+                 help="torch.load with weights_only=False; only for files you trust")
+  for s in (g, d, i, t, e):
     s.add_argument("--dst", default=None, help="output directory (must not hold a "
                    "checkpoint yet); default under the gae_jax cache dir")
   return p
@@ -81,6 +95,12 @@ def run(args: argparse.Namespace) -> str:
     params = {**tparams, "vfm": dino}
     fields = {**cfg, "vfm": "dinov2", "vfm_info": info, "vfm_image_size": 224,
               "vfm_weights": None, "qk_norm": "rms"}
+  elif args.kind == "pae":
+    from gae_jax.tokenizers import pae as pae_tokenizer
+    params, config = pae_tokenizer.load_pae_params(
+        src, vfm_weights=args.vfm_weights, num_heads=args.num_heads,
+        decoder_num_heads=args.decoder_num_heads, weights_only=not args.trust_pickle)
+    return pae_tokenizer.save(dst, params, config, source=src)
   else:
     from gae_jax.convert import inception as inception_convert
     params, fields = inception_convert.load_inception_params(src, cache=False), {}
