@@ -155,10 +155,12 @@ def load_pae_params(path: str, *, vfm_weights: Optional[str] = None,
   if not isinstance(state, dict) or "params" not in state:
     raise ValueError(f"checkpoint {path} holds no 'params'")
   if cfg.get("kind") == "pae":   # a converted directory
-    tree = state["params"].get("generator", {}).get("pae")
+    tree = state["params"]
+    if isinstance(tree, dict) and "generator" in tree:   # the autoencoder-run nesting
+      tree = tree["generator"].get("pae")
     if not (isinstance(tree, dict) and "model" in tree and "vfm" in tree):
-      raise ValueError(f"{path}: no converted PAE params (expected params/generator/pae/"
-                       "{model, vfm}, as `python -m gae_jax.convert pae` writes)")
+      raise ValueError(f"{path}: no converted PAE params (expected params/{{model, vfm}}, "
+                       "as `python -m gae_jax.convert pae` writes)")
     fields = dict(cfg.get("model") or {})
     vfm_info = fields.pop("vfm", None)
     if vfm_info is None:
@@ -199,7 +201,7 @@ def load(path: str, *, vfm_weights: Optional[str] = None, step: Optional[int] = 
 def save(dst: str, params: dict, config: ml_collections.ConfigDict, *, source: str = ""
          ) -> str:
   """Writes a converted PAE (`loading.save_converted`, kind "pae"): config.json model =
-  the PAE fields + `vfm`; checkpoint params/generator/pae = {"model", "vfm"}."""
+  the PAE fields + `vfm`; checkpoint params = {"model": PAE params, "vfm": DinoV2 params}."""
   fields = {k: v for k, v in config.to_dict().items() if k != "source"}
   return loading.save_converted(dst, {"model": params["pae"], "vfm": params["vfm"]},
                                 fields, kind="pae", source=source)
