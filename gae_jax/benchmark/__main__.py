@@ -17,13 +17,17 @@ device peak memory, the targets and the gap. A human summary goes to stderr.
 
 `--sweep=a,b` (or `all`) runs the stage with each switch on and off and prints a table:
 compute_dtype, attention_impl (cudnn: GPU only), remat (every policy), scan, donate,
-frozen_dtype, xla_flags (the recommended GPU/TPU flags, re-run in a child process).
+frozen_dtype, disc_dtype and skip_disc (autoencoder; skip_disc times a step before
+loss.disc_start with and without the PatchGAN's work), xla_flags (the recommended GPU/TPU
+flags, re-run in a child process). `--disc_phase=before` times the autoencoder step the
+trainer runs before loss.disc_start (default: after it, the full program).
 `--data_only` times the grain input pipeline alone (gae_jax/benchmark/data.py).
 `--topology=NAME` prints gae_jax.benchmark.topology.compile_report(config, NAME);
 `--compare_torch=PATH` runs gae_jax.benchmark.torch_compare.run(PATH, ...).
 """
 
 import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -53,6 +57,10 @@ flags.DEFINE_string("compare_torch", None, "PyTorch reference checkout to time s
 flags.DEFINE_string("sweep", None, "Switches to run on and off: comma-separated names or "
                     "'all'.")
 flags.DEFINE_integer("sample_steps", 250, "sampling stage: grid points of the sampler.")
+flags.DEFINE_enum("disc_phase", "after", ["after", "before"],
+                  "autoencoder stage: time the step after loss.disc_start (the full "
+                  "program) or before it (without the PatchGAN when "
+                  "loss.skip_disc_before_start is on).")
 flags.DEFINE_enum("teacher", "auto", ["auto", "dinov2", "vgg16_relu5_3", "none"],
                   "autoencoder stage without config.teacher.init_from: the synthesised "
                   "stage-1 teacher's VFM (auto: DINOv2-L for a 16x16 latent grid).")
@@ -61,6 +69,9 @@ flags.DEFINE_enum("teacher", "auto", ["auto", "dinov2", "vgg16_relu5_3", "none"]
 # (the autoencoder stage synthesises the L_sp teacher that check asks for).
 FLAGS.set_default("workdir", "")
 FLAGS.set_default("dry_run", True)
+
+
+PHASE = "--disc_phase"   # a sweep entry's key that sets stages.Options.disc_phase
 
 
 # name -> [(label, {config path: value})]; paths with "{model}" resolve per stage.
@@ -83,6 +94,12 @@ def switches(stage: str, platform: str) -> dict:
   if stage in ("teacher", "autoencoder"):
     out["frozen_dtype"] = [("bfloat16", {"frozen_dtype": "bfloat16"}),
                            ("float32", {"frozen_dtype": "float32"})]
+  if stage == "autoencoder":
+    out["disc_dtype"] = [("bfloat16", {"disc_dtype": "bfloat16"}),
+                         ("float32", {"disc_dtype": "float32"})]
+    # Both rows time a step before disc_start: without / with the discriminator's work.
+    out["skip_disc"] = [("on", {"loss.skip_disc_before_start": True, PHASE: "before"}),
+                        ("off", {"loss.skip_disc_before_start": False, PHASE: "before"})]
   if platform in ("gpu", "tpu"):
     out["xla_flags"] = [("recommended", "env"), ("none", "noenv")]
   return out
@@ -171,7 +188,9 @@ def sweep(stage: str, config, opts, names: list, platform: str) -> list:
       if overrides in ("env", "noenv"):
         rec = run_xla_flags(stage, label, overrides, platform)
       else:
-        rec = run_stage(stage, with_overrides(config, overrides), opts)
+        overrides = dict(overrides)
+        o = dataclasses.replace(opts, disc_phase=overrides.pop(PHASE, opts.disc_phase))
+        rec = run_stage(stage, with_overrides(config, overrides), o)
       rec["sweep"] = {"switch": name, "value": label}
       emit(rec)
       print(summary(rec), file=sys.stderr, flush=True)
@@ -251,7 +270,8 @@ def main(argv):
     if n not in stages.STAGES:
       gae_main._fail(f"--stage={n!r} is not a benchmark stage; choose from "  # pylint: disable=protected-access
                      f"{', '.join(stages.STAGES)}")
-  opts = stages.Options(sample_steps=FLAGS.sample_steps, teacher=FLAGS.teacher)
+  opts = stages.Options(sample_steps=FLAGS.sample_steps, teacher=FLAGS.teacher,
+                        disc_phase=FLAGS.disc_phase)
   for stage in names:
     try:
       if FLAGS.sweep:

@@ -70,6 +70,9 @@ class Options:
   sample_steps: int = 250        # sampling: grid points of the timed sampler
   teacher: str = "auto"          # autoencoder without a configured teacher: auto | dinov2 |
                                  # vgg16_relu5_3 | none (see synthetic_teacher)
+  disc_phase: str = "after"      # autoencoder: time the step the trainer runs "after"
+                                 # loss.disc_start (the full program) or "before" it (without
+                                 # the PatchGAN when loss.skip_disc_before_start is on)
 
 
 @dataclasses.dataclass
@@ -274,8 +277,17 @@ def autoencoder_bench(config, opts: Options) -> Bench:
     frozen = {**frozen, "teacher": synthetic_teacher(config, s.mesh, opts.teacher)}
     notes.append(f"L_sp teacher: synthesised ({frozen['teacher'].spec.backend.name}, random "
                  "weights; --teacher=none drops it)")
+  if opts.disc_phase not in ("before", "after"):
+    raise ValueError(f"--disc_phase={opts.disc_phase!r}; choose from before, after")
+  # The program trainers/autoencoder.py Setup.step_fn runs in that phase.
+  skip = bool(config.loss.get("skip_disc_before_start", False))
+  disc_active = False if (opts.disc_phase == "before" and skip) else None
   state = s.init_state()
-  compiled, compile_s = _timed_compile(lambda: s.compile_train_step(frozen))
+  if opts.disc_phase == "after":   # from disc_start on: the discriminator trains
+    state = state.replace(step=jax.device_put(
+        np.asarray(config.loss.disc_start, state.step.dtype), state.step.sharding))
+  compiled, compile_s = _timed_compile(lambda: s.compile_train_step(
+      frozen, disc_active=disc_active))
   b, size = config.batch_size, config.data.image_size
   batch = {"image": images(b, size, s.data_sharding),
            "label": labels(b, 1000, s.data_sharding)}
@@ -293,6 +305,10 @@ def autoencoder_bench(config, opts: Options) -> Bench:
       "discriminator": 2 * flops_lib.total(disc) + 2 * (3 * flops_lib.total(disc)
                                                          - disc["conv0"]),
   }
+  if disc_active is False:
+    analytic["discriminator"] = 0.0
+    notes.append("before disc_start with loss.skip_disc_before_start: the step runs "
+                 "without the PatchGAN")
   if "teacher" in frozen:
     sem = frozen["teacher"]
     analytic["teacher_vfm_forward"] = flops_lib.total(vfm_flops(sem.spec.backend))
@@ -303,7 +319,6 @@ def autoencoder_bench(config, opts: Options) -> Bench:
           jax.ShapeDtypeStruct((1, g, g, c), jnp.float32))
   if config.loss.adaptive_disc_weight:
     notes.append("adaptive_disc_weight: its extra forward + VJP is not in the analytic count")
-  notes.append("discriminator runs in float32 (its module has no dtype plumbing)")
   notes += _scan_notes(config.model)
   m = config.model
   return Bench("autoencoder", compiled, (state, batch, frozen), _train_step_fn(compiled), b,
@@ -311,6 +326,8 @@ def autoencoder_bench(config, opts: Options) -> Bench:
                notes=notes,
                info={"model": f"GAE-{m.variant} p{m.patch_size} d{m.latent_dim}",
                      "image_size": size, "frozen_dtype": dtype_name(common.frozen_dtype(config)),
+                     "disc_dtype": dtype_name(ae.disc_dtype(config)),
+                     "disc_phase": opts.disc_phase, "skip_disc_before_start": skip,
                      "remat": m.remat, "scan": bool(m.scan),
                      "attention_impl": m.get("attention_impl"),
                      "donate": bool(config.get("donate", True))})

@@ -28,9 +28,12 @@ call compiles), wall clock, float32 on both sides. torch runs with torch.set_num
 for the n cores this process may use (XLA's CPU backend uses one thread per core by
 default), and again on 1 thread (see `_torch_times`); each row records the 1-minute load
 average, since on a shared machine the figures move with the load.
-A task whose release module cannot be imported (a missing dependency such as timm, or
-torchvision which timm imports) is reported as not run, with the import chain; nothing
-of theirs is stubbed.
+A task whose release module cannot be imported (a missing dependency such as fairscale or
+torchdiffeq) is reported as not run, with the import chain; nothing of theirs is stubbed.
+timm is not theirs: the release's LightningDiT takes only `PatchEmbed` and `Mlp` from it, so
+where timm cannot be imported (it imports torchvision) gae_jax/benchmark/timm_shim.py
+supplies torch stand-ins with timm's parameter names. The DiT rows then say so (`timm`), a
+line on stderr says so, and the velocity agreement checks the shimmed forward against ours.
 """
 
 import copy
@@ -231,7 +234,9 @@ def _release_dit(path: str, variant: str, latent_size: int, latent_dim: int, see
   """(their LightningDiT, their transport package, our converted params + kwargs) or why."""
   import torch  # pylint: disable=g-import-not-at-top
   from gae_jax.convert import dit as convert_dit  # pylint: disable=g-import-not-at-top
-  mod, why = import_release(path, "models.lightningdit_we")
+  from gae_jax.benchmark import timm_shim  # pylint: disable=g-import-not-at-top
+  with timm_shim.release_timm(log=lambda m: print(m, file=sys.stderr)) as timm_used:
+    mod, why = import_release(path, "models.lightningdit_we")
   if mod is None:
     return None, why
   transport, why = import_release(path, "transport")
@@ -250,7 +255,7 @@ def _release_dit(path: str, variant: str, latent_size: int, latent_dim: int, see
         p.normal_(0.0, 0.02)
   params, kw = convert_dit.convert_dit(_state_dict_numpy(model), config={"model": model_cfg},
                                        source="release LightningDiT")
-  return (model, transport, params, kw), None
+  return (model, transport, params, kw, timm_used), None
 
 
 def compare_dit(path: str, *, variant: str = "B/1", batch: int = 4, sample_batch: int = 1,
@@ -269,7 +274,7 @@ def compare_dit(path: str, *, variant: str = "B/1", batch: int = 4, sample_batch
   if got is None:
     return [_row(train_task, size, batch, status=f"not run: {why}"),
             _row(sample_task, size, sample_batch, status=f"not run: {why}")]
-  model, transport_pkg, params, kw = got
+  model, transport_pkg, params, kw, timm_used = got
   handle = pretrained.DiTHandle(params, kw, source="release LightningDiT")
   rng = np.random.default_rng(seed)
   shape = (latent_size, latent_size, latent_dim)
@@ -331,7 +336,7 @@ def compare_dit(path: str, *, variant: str = "B/1", batch: int = 4, sample_batch
   train_row = _row(train_task, size, batch,
                    **_torch_times(torch_step, repeats, warmup, single_thread),
                    jax_s=_median_time(jax_step, repeats, warmup),
-                   agreement_on="velocity forward", **v_agree)
+                   agreement_on="velocity forward", timm=timm_used, **v_agree)
   if not v_agree["agree"]:
     train_row["status"] = "outputs differ"
 
@@ -355,7 +360,7 @@ def compare_dit(path: str, *, variant: str = "B/1", batch: int = 4, sample_batch
                     **_torch_times(torch_sample, max(1, repeats // 2), warmup,
                                    single_thread),
                     jax_s=_median_time(jax_sample, max(1, repeats // 2), warmup),
-                    agreement_on="final latents", **s_agree)
+                    agreement_on="final latents", timm=timm_used, **s_agree)
   if not s_agree["agree"]:
     sample_row["status"] = "outputs differ"
   return [train_row, sample_row]
