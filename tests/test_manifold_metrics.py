@@ -272,3 +272,30 @@ def test_eval_stage_manifold_kind(tmp_path):
   c.eval.manifold.segmentation = "watershed"
   with pytest.raises(ValueError, match="segmentation"):
     evaluate.run_manifold(c, gae, None, None, {})
+
+
+@pytest.mark.slow
+@pytest.mark.torch
+def test_eval_stage_manifold_kind_on_a_pae(tmp_path):
+  """The same stage on the other family: a random tiny PAE in the released layout, opened by
+  `pretrained.load_pae` (its handle's encode_fn / decode_fn), ~1 min on CPU."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  import sys
+  sys.path.insert(0, os.path.dirname(__file__))
+  import test_pae as tp  # the PAE tests' released-layout writer
+  from gae_jax import configs_lib
+  from gae_jax import pretrained
+  from gae_jax.trainers import evaluate
+  handle = pretrained.load_pae(tp._save(tmp_path / "pae.pt", tp._with_vfm(tp._pae_sd("sft"))))
+  assert handle.family == "pae"
+  c = configs_lib.eval_config("runlocal", kind="manifold")
+  c.eval.manifold.num_images = 24
+  c.eval.manifold.ssc_images = 4
+  c.eval.manifold.lpc_images = 4
+  c.eval.manifold.lpc_rhos = [0.1, 1.0]
+  m = evaluate.train_and_evaluate(c, str(tmp_path / "eval"), gae=handle)["manifold"]
+  h, w, d = handle.latent_shape
+  assert m["num_images"] == 24 and 0.0 <= m["ssc"] <= 1.0 and 0.0 <= m["gsq"] <= 1.0
+  assert 0.0 < m["lpc_per_scale"]["0.1"] < m["lpc_per_scale"]["1.0"]
+  assert m["erank_ratio"] == pytest.approx(m["erank"] / d) and 1.0 <= m["erank"] <= d
