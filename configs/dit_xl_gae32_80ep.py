@@ -7,7 +7,7 @@ from the cache's manifest):
       --workdir=gs://bucket/dit_xl_gae32_80ep --distributed
 CPU smoke run (a tiny "mu" DiT on the embedded-photo latent cache of a runlocal GAE):
   python -m gae_jax.main --config=configs/gae_l32.py:runlocal --workdir=/tmp/s3/gae
-  python -m gae_jax.main --config=configs/cache_latents.py:runlocal,gae=/tmp/s3/gae \
+  python -m gae_jax.main --config=configs/cache_latents.py:runlocal,tokenizer=/tmp/s3/gae \
       --workdir=/tmp/s3/latents
   python -m gae_jax.main --config=configs/dit_xl_gae32_80ep.py:runlocal,cache=/tmp/s3/latents \
       --workdir=/tmp/s3/dit

@@ -7,7 +7,7 @@ from the cache's manifest):
       --workdir=gs://bucket/dit_xl_gae64_80ep --distributed
 CPU smoke run (a tiny "mu" DiT on the embedded-photo latent cache of a runlocal GAE):
   python -m gae_jax.main --config=configs/gae_l64.py:runlocal --workdir=/tmp/s3/gae64
-  python -m gae_jax.main --config=configs/cache_latents.py:runlocal,gae=/tmp/s3/gae64 \
+  python -m gae_jax.main --config=configs/cache_latents.py:runlocal,tokenizer=/tmp/s3/gae64 \
       --workdir=/tmp/s3/latents64
   python -m gae_jax.main --config=configs/dit_xl_gae64_80ep.py:runlocal,cache=/tmp/s3/latents64 \
       --workdir=/tmp/s3/dit64

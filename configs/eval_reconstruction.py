@@ -4,10 +4,10 @@ rFID compares the reconstructions of the center-cropped validation images with t
 images (docs/metrics.md; not the VIRTUAL batch). Add `--config.eval.kind=reconstruction,robustness`
 for the decoder-robustness curve of paper Fig. 4 too.
 
-  python -m gae_jax.main --config=configs/eval_reconstruction.py:gae=/runs/gae_l32,\
+  python -m gae_jax.main --config=configs/eval_reconstruction.py:tokenizer=/runs/gae_l32,\
 source=tfds --workdir=/runs/gae_l32/eval_rec
-  # CPU smoke run on the embedded photos (64 val crops; `gae=random` for an untrained one):
-  python -m gae_jax.main --config=configs/eval_reconstruction.py:runlocal,gae=/tmp/gae \
+  # CPU smoke run on the embedded photos (64 val crops; `tokenizer=random` for an untrained one):
+  python -m gae_jax.main --config=configs/eval_reconstruction.py:runlocal,tokenizer=/tmp/gae \
       --workdir=/tmp/eval_rec
 """
 

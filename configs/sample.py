@@ -8,7 +8,7 @@ protocol (Euler ODE, 250 steps, no CFG, shift 0.7, random labels). 50k class-uni
 samples (random labels with `ablation`) -> .npz (uint8 NHWC, `arr_0`, the ADM evaluator's
 layout) + a PNG grid:
   python -m gae_jax.main --config=configs/sample.py:latent_dim=32,epochs=800,cfg,\
-ckpt=/ckpt/gae_dit_d32_800ep.pt,gae=/ckpt/gae_d32_inference.ckpt \
+ckpt=/ckpt/gae_dit_d32_800ep.pt,tokenizer=/ckpt/gae_d32_inference.ckpt \
       --config.dit.stats=/ckpt/latents_stats.pt --workdir=/tmp/samples_d32_800ep
 A gae_jax flow run works the same way (its GAE and stats are found from its cache):
   python -m gae_jax.main --config=configs/sample.py:runlocal,ckpt=/tmp/s3/dit \
@@ -22,5 +22,6 @@ from gae_jax import configs_lib
 
 def get_config(arg=None):
   a = configs_lib.parse_arg(arg, runlocal=False, latent_dim=32, epochs=800, cfg=False,
-                            ablation=False, ckpt="", gae="", num_samples=50_000)
+                            ablation=False, ckpt="", tokenizer="", gae="",
+                            num_samples=50_000)
   return configs_lib.sample_config(a, latent_dim=a.latent_dim, epochs=a.epochs)

@@ -7,6 +7,7 @@ import ast
 import difflib
 from typing import Any, Sequence
 
+from absl import logging
 import ml_collections
 
 
@@ -330,27 +331,53 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
 
 
 # ------------------------------------------------------------------------------------------
+# The tokenizer the later stages take (latent cache, DiT, sampling, evaluation).
+
+
+def tokenizer_config(a: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.tokenizer`: the one field naming a tokenizer of any family (GAE, PAE, KL).
+
+  path: read by `gae_jax.pretrained.open_tokenizer` — a GAE / KL / PAE workdir, a
+  converted directory, the authors' GAE `.ckpt` or PAE `.pt`. use_ema: a workdir's EMA
+  params when it kept them. vfm_weights: a DINOv2 file for a PAE file without its frozen
+  VFM (unused otherwise). `a`: parsed args with 'tokenizer' and/or 'gae', the old
+  spelling of the same thing (accepted with a one-line deprecation notice).
+  """
+  path = a.get("tokenizer") or ""
+  if a.get("gae"):
+    if path:
+      raise ValueError(f"config args 'tokenizer={path}' and 'gae={a.gae}' name the same "
+                       "field: give only 'tokenizer='")
+    logging.warning("config arg 'gae=%s' is deprecated: use 'tokenizer=%s'", a.gae, a.gae)
+    path = a.gae
+  return ml_collections.ConfigDict(dict(
+      path=ml_collections.FieldReference(path or None, field_type=str), use_ema=True,
+      vfm_weights=ml_collections.FieldReference(None, field_type=str)))
+
+
+# ------------------------------------------------------------------------------------------
 # Stage 3: latent cache, LightningDiT flow matching, sampling.
 
 
 def cache_latents_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """`stage = "cache_latents"`: encode a dataset with a GAE (z = mu) into a latent cache.
+  """`stage = "cache_latents"`: encode a dataset with a tokenizer into a latent cache.
 
-  arg: 'runlocal' (embedded photos, random crops, tiny shards), 'gae=<path>',
+  arg: 'runlocal' (embedded photos, random crops, tiny shards), 'tokenizer=<path>' (any
+  family, see `tokenizer_config`; 'gae=<path>' is its old spelling),
   'source=embedded|folder|tfds', 'root=...', 'split=train', 'shard_size=10000'.
   The cache is written to --workdir (point `config.data.cache_dir` of a flow run there).
   """
   from gae_jax.data import pipeline  # late import: configs stay light to parse
-  a = parse_arg(arg, runlocal=False, gae="", source="tfds", root="", split="train",
-                shard_size=10_000, exclusive=[("runlocal", "source"), ("runlocal", "root"),
-                                              ("runlocal", "shard_size")])
+  a = parse_arg(arg, runlocal=False, tokenizer="", gae="", source="tfds", root="",
+                split="train", shard_size=10_000,
+                exclusive=[("runlocal", "source"), ("runlocal", "root"),
+                           ("runlocal", "shard_size")])
   c = common_config("cache_latents")
-  c.gae = ml_collections.ConfigDict(dict(
-      init_from=ml_collections.FieldReference(a.gae or None, field_type=str)))
+  c.tokenizer = tokenizer_config(a)
   c.data = pipeline.default_data_config()
   c.data.source = a.source
   c.data.root = a.root
-  c.data.image_size = 0          # 0: the GAE's image size
+  c.data.image_size = 0          # 0: the tokenizer's image size
   c.data.random_flip = False     # flips are stored explicitly (latent_flip)
   c.data.num_workers = 0
   c.cache = ml_collections.ConfigDict(dict(
@@ -421,13 +448,15 @@ def dit_config(arg: str | None, *, latent_dim: int, epochs: int) -> ml_collectio
   """Stage 3 (LightningDiT-XL/1 flow matching on cached GAE latents), docs/method.md stage 3.
 
   arg: 'runlocal' (tiny "mu" DiT on the embedded-photo cache), 'variant=XL/1',
-  'cache=<dir>', 'gae=<path>' (decoder for sample grids; default: the cache's GAE),
+  'cache=<dir>', 'tokenizer=<path>' (decoder for sample grids; default: the cache's
+  tokenizer; 'gae=<path>' is the old spelling),
   'sample' (the `sample` stage for this run: see `sample_config`), 'cfg' (with sample:
   ODE + CFG with the paper's scale / interval), 'ablation' (with sample: the paper's
   App. H ablation protocol: Euler ODE, no CFG, shift 0.7, random labels),
   'ckpt=<flow workdir or .pt>' (with sample).
   """
-  a = parse_arg(arg, runlocal=False, variant="XL/1", cache="", gae="", sample=False,
+  a = parse_arg(arg, runlocal=False, variant="XL/1", cache="", tokenizer="", gae="",
+                sample=False,
                 cfg=False, ablation=False, ckpt="", num_samples=50_000,
                 latent_dim=latent_dim, exclusive=[("runlocal", "variant")])
   if a.ablation and not a.sample:
@@ -442,8 +471,7 @@ def dit_config(arg: str | None, *, latent_dim: int, epochs: int) -> ml_collectio
       num_classes=1000, class_dropout_prob=0.1, qk_norm=epochs >= 800, use_rope=True,
       use_abs_pos=True, attention_impl=None, remat="none", scan=False))
   c.data = ml_collections.ConfigDict(dict(cache_dir=a.cache, flip=True, read_threads=8))
-  c.gae = ml_collections.ConfigDict(dict(
-      init_from=ml_collections.FieldReference(a.gae or None, field_type=str)))
+  c.tokenizer = tokenizer_config(a)
   c.flow = ml_collections.ConfigDict(dict(train_shift=0.7, t_mu=0.0, t_sigma=1.0))
   # AdamW, constant 2e-4, betas (0.9, 0.95), no weight decay, no clipping (released).
   c.optim = optimizer_config(2e-4, schedule="constant", b1=0.9, b2=0.95, weight_decay=0.0)
@@ -480,9 +508,11 @@ def sample_config(a: ml_collections.ConfigDict, *, latent_dim: int, epochs: int
                   ) -> ml_collections.ConfigDict:
   """`stage = "sample"`: N samples -> .npz (uint8 NHWC, `arr_0`) + PNG grid.
 
-  a: parsed args with ckpt, gae, cfg, num_samples, runlocal and optionally ablation.
+  a: parsed args with ckpt, tokenizer (and/or its old spelling gae), cfg, num_samples,
+  runlocal and optionally ablation.
   Fields: dit.init_from (flow workdir or the authors' .pt), dit.stats (default: beside the
-  checkpoint / the run's cache), gae.init_from (default: the flow run's cache GAE),
+  checkpoint / the run's cache), tokenizer.path (the decoder, any family; default: the
+  flow run's cache's tokenizer),
   sample.* (`sampling_config`: SDE without CFG, with 'cfg' Euler ODE + CFG on the paper's
   interval, with 'ablation' App. H's protocol), sample.labels ('uniform': exactly
   num_samples / num_classes per class, the paper's main protocol and the released
@@ -493,8 +523,7 @@ def sample_config(a: ml_collections.ConfigDict, *, latent_dim: int, epochs: int
       init_from=ml_collections.FieldReference(a.ckpt or None, field_type=str),
       stats=ml_collections.FieldReference(None, field_type=str),
       use_ema=True, num_heads=ml_collections.FieldReference(None, field_type=int)))
-  c.gae = ml_collections.ConfigDict(dict(
-      init_from=ml_collections.FieldReference(a.gae or None, field_type=str)))
+  c.tokenizer = tokenizer_config(a)
   ablation = bool(a.get("ablation", False))
   c.sample = sampling_config(latent_dim, epochs, cfg=a.cfg, ablation=ablation)
   c.sample.labels = ABLATION_SAMPLING["labels"] if ablation else "uniform"
@@ -520,7 +549,8 @@ def sample_config(a: ml_collections.ConfigDict, *, latent_dim: int, epochs: int
 def eval_config(arg: str | None, *, kind: str) -> ml_collections.ConfigDict:
   """`stage = "eval"`: metrics.json + PNGs + report.md for `kind` (comma-separated).
 
-  arg: 'runlocal' (embedded photos, small counts, CPU minutes), 'gae=<path>|random',
+  arg: 'runlocal' (embedded photos, small counts, CPU minutes), 'tokenizer=<path>|random'
+  (any family, see `tokenizer_config`; 'gae=' is its old spelling),
   'source=embedded|folder|tfds', 'root=...', 'kind=a,b' is not parsed (commas split args):
   override with --config.eval.kind=... instead. 'samples=<npz|sample dir|data:val>',
   'reference=<VIRTUAL_imagenet256_labeled.npz or stats npz>' (generation),
@@ -529,16 +559,15 @@ def eval_config(arg: str | None, *, kind: str) -> ml_collections.ConfigDict:
   `sampling_config`; default: the main protocol, SDE without CFG, class-uniform labels).
   """
   from gae_jax.data import pipeline  # late import: configs stay light to parse
-  a = parse_arg(arg, runlocal=False, gae="", source="tfds", root="", samples="",
-                reference="", inception="", num_images=-1, dit="", ablation=False,
-                exclusive=[("runlocal", "source"), ("runlocal", "root")])
+  a = parse_arg(arg, runlocal=False, tokenizer="", gae="", source="tfds", root="",
+                samples="", reference="", inception="", num_images=-1, dit="",
+                ablation=False, exclusive=[("runlocal", "source"), ("runlocal", "root")])
   c = common_config("eval")
-  c.gae = ml_collections.ConfigDict(dict(
-      init_from=ml_collections.FieldReference(a.gae or None, field_type=str), use_ema=True))
+  c.tokenizer = tokenizer_config(a)
   c.data = pipeline.default_data_config()
   c.data.source = a.source
   c.data.root = a.root
-  c.data.image_size = 0          # 0: the GAE's image size (256 for generation without one)
+  c.data.image_size = 0          # 0: the tokenizer's image size (256 for generation without one)
   c.data.random_flip = False
   c.data.num_workers = 0
   c.batch_size = 256             # global evaluation batch
@@ -732,7 +761,7 @@ def pae_refine_config(arg: str | None, *, latent_dim: int = 32) -> ml_collection
   c.vfm = pae_vfm_config(a.runlocal, a.weights)
   c.refine = ml_collections.ConfigDict(dict(
       latent_dim=a.latent_dim,
-      proj_num_heads=ml_collections.FieldReference(None, field_type=int),  # D // 64
+      proj_num_heads=ml_collections.FieldReference(None, field_type=int),  # the VFM's
       width=1024, depth=4,        # Q_t: "a 4-layer ViT, hidden 1024" (paper)
       num_heads=ml_collections.FieldReference(None, field_type=int),       # width // 64
       mlp_hidden=ml_collections.FieldReference(None, field_type=int),      # SwiGLU default

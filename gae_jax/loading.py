@@ -121,8 +121,8 @@ def teacher_fields(path: str, *, weights_only: bool = True) -> dict:
   if not paths.path(path).exists():
     raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
   if is_torch_file(path):
-    from gae_jax.convert import teacher as convert_teacher_lib  # pylint: disable=g-import-not-at-top
-    cfg = convert_teacher_lib.read_teacher_config(paths.local_copy(path),
+    from gae_jax.convert import teacher as convert_teacher  # pylint: disable=g-import-not-at-top
+    cfg = convert_teacher.read_teacher_config(paths.local_copy(path),
                                                   weights_only=weights_only)
     cfg.update(vfm="dinov2", vfm_image_size=224, vfm_weights=None, source=path)
     return cfg
@@ -175,8 +175,8 @@ def load_teacher_variables(path: str, fields: Optional[dict] = None, *,
   fields = fields or teacher_fields(path, weights_only=weights_only)
   keep = ("downsampler", "decoder") if with_decoder else ("downsampler",)
   if is_torch_file(path):
-    from gae_jax.convert import teacher as convert_teacher_lib  # pylint: disable=g-import-not-at-top
-    params, _, dino, _ = convert_teacher_lib.load_teacher_params(paths.local_copy(path),
+    from gae_jax.convert import teacher as convert_teacher  # pylint: disable=g-import-not-at-top
+    params, _, dino, _ = convert_teacher.load_teacher_params(paths.local_copy(path),
                                                                  weights_only=weights_only)
     return ({"params": {k: params[k] for k in keep}}, {"params": dino})
   _, state = read_dir(path, "teacher")

@@ -36,10 +36,10 @@ def test_stage_configs_link_each_stage_to_its_inputs(tmp_path):
   cf = demo.stage_configs(c, w)
   d = {s.key: os.path.join(w, s.subdir) for s in demo.STAGES}
   assert cf["gae"].teacher.init_from == d["teacher"]
-  assert cf["cache"].gae.init_from == d["gae"]
+  assert cf["cache"].tokenizer.path == d["gae"]
   assert cf["dit"].data.cache_dir == d["cache"]
   assert cf["sample"].dit.init_from == d["dit"]
-  assert cf["eval"].gae.init_from == d["gae"]
+  assert cf["eval"].tokenizer.path == d["gae"]
   assert cf["eval"].eval.generation.samples == os.path.join(d["sample"], "samples.npz")
   assert c.gae.teacher.init_from is None          # the demo config itself is not modified
   # Tiny: the GAE's 32 px / patch 8 grid equals the teacher's VGG16 relu5_3 grid at 64 px.

@@ -150,7 +150,7 @@ def test_eval_stage_end_to_end(tmp_path):
                                    "eval_latents.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config("runlocal,gae=random")
+  c = mod.get_config("runlocal,tokenizer=random")
   assert main_lib.trainer_for(c.stage) is evaluate
   c.eval.kind = "reconstruction,robustness,linear_probe,diagnostics"
   c.eval.num_images = 8
@@ -167,7 +167,7 @@ def test_eval_stage_end_to_end(tmp_path):
   plan = evaluate.plan(c)
   assert plan["kinds"] == ["reconstruction", "robustness", "linear_probe", "diagnostics"]
   gae = evaluate.random_gae(64, latent_dim=4, patch_size=16)  # the tiny in-test GAE
-  res = evaluate.train_and_evaluate(c, str(tmp_path), gae=gae)
+  res = evaluate.train_and_evaluate(c, str(tmp_path), tokenizer=gae)
   m = json.loads((tmp_path / "metrics.json").read_text())
   assert [r["scale"] for r in m["robustness"]["per_scale"]] == [0.0, 0.5]
   assert m["reconstruction"]["per_scale"][0]["num_images"] == 8

@@ -33,7 +33,7 @@ def cache_dir(tmp_path_factory):
                       np.zeros((1, SIZE, SIZE, 3), np.float32))["params"]
   gae = pretrained.save_converted(str(tmp_path_factory.mktemp("gae")), params, fields,
                                   kind="gae")
-  c = configs_lib.cache_latents_config(f"runlocal,gae={gae}")
+  c = configs_lib.cache_latents_config(f"runlocal,tokenizer={gae}")
   c.data.embedded_length, c.data.read_threads = 32, 2
   c.cache.shard_size, c.batch_size = 16, 8
   out = str(tmp_path_factory.mktemp("latents"))

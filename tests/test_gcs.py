@@ -145,14 +145,14 @@ def test_latent_cache_on_gcs(trained):
   from gae_jax import configs_lib
   from gae_jax.data import latents as latents_lib
   from gae_jax.trainers import cache_latents
-  c = configs_lib.cache_latents_config(f"runlocal,gae={RUN}")
+  c = configs_lib.cache_latents_config(f"runlocal,tokenizer={RUN}")
   c.data.embedded_length = 12
   c.data.read_threads = 1
   c.cache.shard_size = 8            # 2 shards: 8, 4
   c.batch_size = 8
   out = f"gs://{BUCKET}/cache"
   manifest = cache_latents.train_and_evaluate(c, out)
-  assert manifest["num_records"] == 12 and manifest["gae"] == RUN
+  assert manifest["num_records"] == 12 and manifest["tokenizer"] == RUN
   names = {p.name for p in epath.Path(out).iterdir()}
   assert {"manifest.json", "stats.npz", "progress-p00000.json",
           "latents-p00000-s00000.array_record", "latents-p00000-s00001.array_record"} <= names
@@ -172,12 +172,12 @@ def test_latent_cache_on_gcs(trained):
 def test_eval_report_on_gcs(gcs):
   from gae_jax import configs_lib
   from gae_jax.trainers import evaluate
-  c = configs_lib.eval_config("runlocal,gae=random", kind="reconstruction")
+  c = configs_lib.eval_config("runlocal,tokenizer=random", kind="reconstruction")
   c.eval.num_images = 8
   c.eval.rfid = False
   gae = evaluate.random_gae(32, latent_dim=4, patch_size=16)
   out = epath.Path(f"gs://{BUCKET}/eval")
-  evaluate.train_and_evaluate(c, os.fspath(out), gae=gae)
+  evaluate.train_and_evaluate(c, os.fspath(out), tokenizer=gae)
   m = json.loads((out / "metrics.json").read_text())
   assert m["reconstruction"]["per_scale"][0]["num_images"] == 8
   assert "Evaluation report" in (out / "report.md").read_text()

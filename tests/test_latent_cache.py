@@ -32,7 +32,7 @@ def make_tiny_gae(path: str) -> str:
 
 
 def cache_config(gae: str, **cache) -> ml_collections.ConfigDict:
-  c = configs_lib.cache_latents_config(f"runlocal,gae={gae}")
+  c = configs_lib.cache_latents_config(f"runlocal,tokenizer={gae}")
   c.data.embedded_length = N
   c.data.read_threads = 2
   c.cache.shard_size = 12           # 4 shards: 12, 12, 12, 4

@@ -62,7 +62,7 @@ def test_demo_runs_every_stage_and_writes_a_readable_report(demo_run):
   with open(os.path.join(workdir, "2_gae", "config.json")) as f:
     assert json.load(f)["teacher"]["init_from"] == os.path.join(workdir, "1_teacher")
   with open(os.path.join(workdir, "3_latents", "manifest.json")) as f:
-    assert json.load(f)["gae"] == os.path.join(workdir, "2_gae")
+    assert json.load(f)["tokenizer"] == os.path.join(workdir, "2_gae")
   samples = np.load(os.path.join(workdir, "5_samples", "samples.npz"))["arr_0"]
   assert samples.shape == (22, 32, 32, 3) and samples.dtype == np.uint8
 

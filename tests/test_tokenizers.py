@@ -164,3 +164,17 @@ def test_import_graph():
     assert _imports(probe) >= {"gae_jax.convert", "gae_jax.convert.dinov2"}
   finally:
     probe.unlink()
+
+
+def test_one_tokenizer_config_field_and_old_spelling():
+  """Stages take `config.tokenizer.path` ('tokenizer=PATH'); 'gae=PATH' still fills it."""
+  from gae_jax import configs_lib
+  for make in (configs_lib.cache_latents_config,
+               lambda a: configs_lib.eval_config(a, kind="reconstruction"),
+               lambda a: configs_lib.dit_config(a, latent_dim=32, epochs=80),
+               lambda a: configs_lib.dit_config("sample," + a, latent_dim=32, epochs=80)):
+    assert make("tokenizer=/t")["tokenizer"].path == "/t"
+    assert make("gae=/g")["tokenizer"].path == "/g"
+    assert "gae" not in make("tokenizer=/t")
+    with pytest.raises(ValueError, match="name the same field"):
+      make("tokenizer=/t,gae=/g")

@@ -393,6 +393,7 @@ def sampling_bench(config, opts: Options) -> Bench:
   """Stage 3c: the sample stage's generate program (sampler loop + decode + uint8)."""
   from gae_jax.flow import generate as generate_lib  # pylint: disable=g-import-not-at-top
   from gae_jax.models import gae as gae_lib  # pylint: disable=g-import-not-at-top
+  from gae_jax.tokenizers import gae as gae_tokenizer  # pylint: disable=g-import-not-at-top
   from gae_jax.trainers import flow as flow_tr  # pylint: disable=g-import-not-at-top
   if config.stage != "flow":
     raise ValueError(f"--stage=sampling needs a DiT config (stage 'flow', e.g. "
@@ -417,8 +418,9 @@ def sampling_bench(config, opts: Options) -> Bench:
   gae_params = fill(jax.eval_shape(lambda: gae_model.init(
       {"params": jax.random.key(0), "noise": jax.random.key(1)},
       jnp.zeros((1, size, size, 3)))["params"]), rep, seed=5)
+  _, decode_fn = gae_tokenizer.gae_functions(gae_model, size)
   compiled, compile_s = _timed_compile(lambda: generate_lib.compile_generate(
-      dit, gae_model, sampling, mesh, rules, b, shape, dit_params, gae_params))
+      dit, decode_fn, sampling, mesh, rules, b, shape, dit_params, gae_params))
   noise = jax.jit(lambda: jax.random.normal(jax.random.key(1), (b, *shape)),
                   out_shardings=data)()
   y = labels(b, config.model.num_classes, data)
@@ -472,6 +474,7 @@ def sampling_bench(config, opts: Options) -> Bench:
 def latent_cache_bench(config, opts: Options) -> Bench:
   """Stage 3a: the cache stage's jitted encode of (x, flip x) on this process's devices."""
   from gae_jax.models import gae as gae_lib  # pylint: disable=g-import-not-at-top
+  from gae_jax.tokenizers import gae as gae_tokenizer  # pylint: disable=g-import-not-at-top
   from gae_jax.trainers import cache_latents as cache_tr  # pylint: disable=g-import-not-at-top
   notes = []
   if config.stage == "autoencoder":
@@ -482,17 +485,19 @@ def latent_cache_bench(config, opts: Options) -> Bench:
         {"params": jax.random.key(0), "noise": jax.random.key(1)},
         jnp.zeros((1, size, size, 3)))["params"])
     out_dtype, synthetic = jnp.float32, True
+    encode_fn, _ = gae_tokenizer.gae_functions(model, size)
     desc = f"GAE-{config.model.variant} p{config.model.patch_size} d{config.model.latent_dim}"
   elif config.stage == "cache_latents":
     from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
-    if not config.gae.init_from:
+    if not config.tokenizer.path:
       raise ValueError("--stage=latent_cache with a cache_latents config needs "
-                       "config.gae.init_from (a GAE); or pass the GAE's config, e.g. "
+                       "config.tokenizer.path (a GAE); or pass the GAE's config, e.g. "
                        "--config=gae_l32:runlocal --stage=latent_cache")
-    handle = pretrained.load_gae(config.gae.init_from)
-    model, params, size = handle.model, handle.params, handle.config.image_size
+    handle = pretrained.open_tokenizer(config.tokenizer.path)
+    model, params, size = handle.model, handle.params, handle.image_size
+    encode_fn = handle.encode_fn
     out_dtype, synthetic = jnp.dtype(config.cache.dtype), False
-    desc = f"GAE from {config.gae.init_from}"
+    desc = f"{handle.name} from {config.tokenizer.path}"
   else:
     raise ValueError(f"--stage=latent_cache needs an autoencoder or cache_latents config; "
                      f"config.stage is {config.stage!r}")
@@ -503,7 +508,7 @@ def latent_cache_bench(config, opts: Options) -> Bench:
   if b <= 0 or b % mesh.size:
     raise ValueError(f"config.batch_size={config.batch_size} gives {b} per process, not a "
                      f"multiple of the {mesh.size} local devices")
-  encode = cache_tr.make_encode_fn(model, out_dtype, mesh)
+  encode = cache_tr.make_encode_fn(encode_fn, out_dtype, mesh)
   params = fill(params, rep) if synthetic else jax.device_put(params, rep)
   x = images(b, size, data)
   compiled, compile_s = _timed_compile(lambda: encode.lower(_abstract(params), _abstract(x)

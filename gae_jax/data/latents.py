@@ -218,6 +218,13 @@ def load_manifest(cache_dir: str) -> dict:
   return manifest
 
 
+def manifest_tokenizer(manifest: Optional[dict]) -> Optional[str]:
+  """The tokenizer path a cache was encoded with ("tokenizer"; "gae" in caches written
+  before the tokenizer field), or None."""
+  manifest = manifest or {}
+  return manifest.get("tokenizer") or manifest.get("gae") or None
+
+
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(mean, std) as (d,) float32 from a cache dir, its stats.npz, or the authors'
   `latents_stats.pt` ({'mean', 'std'} of shape (1, d, 1, 1))."""

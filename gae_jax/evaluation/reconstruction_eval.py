@@ -1,9 +1,9 @@
 """Reconstruction evaluation: rFID, PSNR, SSIM, LPIPS and the decoder-robustness curve.
 
 Protocol (docs/metrics.md, "Reconstruction"): the center-cropped validation images x are encoded
-to mu = E(x) (no sigma-noise); for each noise scale s the decoder sees
-z_s = mu + s * eps, eps ~ N(0, I) (paper Fig. 4; s = 0 is the plain reconstruction);
-x_hat_s = D(z_s) is clipped to [-1, 1] and quantised to uint8 levels. Then
+to mu = E(x) (no sigma-noise; any tokenizer's deterministic encode); for each noise scale s
+the decoder sees z_s = mu + s * eps, eps ~ N(0, I) (paper Fig. 4; s = 0 is the plain
+reconstruction); x_hat_s = D(z_s) is clipped to [-1, 1] and quantised to uint8 levels. Then
 
   rFID(s)  = FD(Inception(x_hat_s), Inception(x)) - against the same center-cropped set,
              not ADM's VIRTUAL batch;
@@ -11,7 +11,7 @@ x_hat_s = D(z_s) is clipped to [-1, 1] and quantised to uint8 levels. Then
 
 eps of image j is drawn from fold_in(fold_in(key(seed), scale index), j) with j the
 image's index in the split, so the curve does not depend on batch size or device count.
-Everything (GAE, LPIPS, Inception for all scales) runs in one jit sharded over the batch.
+Everything (tokenizer, LPIPS, Inception for all scales) runs in one jit sharded over the batch.
 """
 
 import dataclasses
@@ -27,7 +27,6 @@ from gae_jax import sharding as sharding_lib
 from gae_jax.evaluation import features as features_lib
 from gae_jax.evaluation import fid as fid_lib
 from gae_jax.evaluation import reconstruction as rec_lib
-from gae_jax.models import gae as gae_lib
 from gae_jax.models import inception as inception_lib
 from gae_jax.models import vgg as vgg_lib
 
@@ -35,30 +34,24 @@ ROBUSTNESS_SCALES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 @dataclasses.dataclass
-class GAEFns:
-  """Pure GAE functions + params for use inside evaluation jits."""
-  encode: Callable[[Any, jax.Array], jax.Array]   # (params, images [-1, 1]) -> mu
+class TokenizerFns:
+  """Pure tokenizer functions + params for use inside evaluation jits (any family)."""
+  encode: Callable[[Any, jax.Array], jax.Array]   # (params, images [-1, 1]) -> z
   decode: Callable[[Any, jax.Array], jax.Array]   # (params, z) -> images (unclipped)
   params: Any
   image_size: int
   latent_shape: tuple[int, int, int]
 
 
-def gae_fns(handle) -> GAEFns:
-  """From a `pretrained.GAEHandle` (or anything with .model (GAE), .params, .config)."""
-  model = handle.model
+def tokenizer_fns(handle) -> TokenizerFns:
+  """From a tokenizer handle (`tokenizers.base.Tokenizer`: GAE, PAE or KL alike)."""
+  return TokenizerFns(handle.encode_fn, handle.decode_fn, handle.params,
+                      int(handle.image_size), tuple(int(v) for v in handle.latent_shape))
 
-  def encode(params, images):
-    _, aux = model.apply({"params": params}, images.astype(jnp.float32), train=False,
-                         method=gae_lib.GAE.encode)
-    return aux["mu"]
 
-  def decode(params, z):
-    return model.apply({"params": params}, z, method=gae_lib.GAE.decode)
-
-  size = int(handle.config.image_size)
-  g = size // int(handle.config.patch_size)
-  return GAEFns(encode, decode, handle.params, size, (g, g, int(handle.config.latent_dim)))
+# The names before the tokenizer interface (callers in tests and evaluation/manifold.py).
+GAEFns = TokenizerFns
+gae_fns = tokenizer_fns
 
 
 def perturbation(seed: int, scale_index: int, index: jax.Array, shape) -> jax.Array:
@@ -68,7 +61,7 @@ def perturbation(seed: int, scale_index: int, index: jax.Array, shape) -> jax.Ar
       index.astype(jnp.uint32))
 
 
-def recon_step(gae_params, lpips_params, inc_vars, images, index, *, fns: GAEFns,
+def recon_step(gae_params, lpips_params, inc_vars, images, index, *, fns: TokenizerFns,
                scales: Sequence[float], seed: int, lpips_model, inc_model,
                resize_mode: str) -> dict[str, jax.Array]:
   """One batch: per scale i per-image 's{i}/psnr|ssim|lpips' and 's{i}/pool', + 'orig/pool'."""
@@ -92,7 +85,7 @@ def recon_step(gae_params, lpips_params, inc_vars, images, index, *, fns: GAEFns
   return out
 
 
-def evaluate_reconstruction(fns: GAEFns, batches, *, mesh=None, batch_size: int = 64,
+def evaluate_reconstruction(fns: TokenizerFns, batches, *, mesh=None, batch_size: int = 64,
                             scales: Sequence[float] = (0.0,), seed: int = 0,
                             inception_vars: Any = None, lpips_params: Any = None,
                             resize_mode: str = "tf1", keep_images: int = 8

@@ -1,6 +1,9 @@
-"""The DiT -> GAE image generator: sampler + de-normalisation + decode + uint8, one jit.
+"""The DiT -> tokenizer image generator: sampler + de-normalisation + decode + uint8, one jit.
 
 `generate` is pure; `compile_generate` AOT-compiles it sharded over the batch for a mesh.
+Flow knows only a velocity function (the DiT as v(x, t, y)) and a decode function
+`decode_fn(tokenizer_params, z) -> images in [-1, 1]` (a tokenizer handle's `.decode_fn`,
+any family: GAE, PAE, KL); it imports no tokenizer model.
 Used by the `sample` stage (gae_jax/trainers/sample.py), the flow trainer's sample grids
 and the evaluation stage's DiT-driven gFID.
 """
@@ -13,7 +16,6 @@ import jax.numpy as jnp
 from gae_jax import sharding as sharding_lib
 from gae_jax.flow import guidance
 from gae_jax.flow import samplers
-from gae_jax.models import gae as gae_lib
 
 
 def velocity_fn(model, params, sampling) -> samplers.VelocityFn:
@@ -25,15 +27,20 @@ def velocity_fn(model, params, sampling) -> samplers.VelocityFn:
   return v
 
 
-def generate(dit_params, gae_params, noise, labels, rng, mean, std, *, dit, gae, sampling
-             ) -> jax.Array:
-  """noise (B, h, w, d), labels (B,) -> uint8 images (B, H, W, 3). Pure; jit it."""
+def generate(dit_params, tok_params, noise, labels, rng, mean, std, *, dit, decode_fn,
+             sampling) -> jax.Array:
+  """noise (B, h, w, d), labels (B,) -> uint8 images (B, H, W, 3). Pure; jit it.
+
+  dit: a module with `.apply` and `.null_label` (the velocity v(x, t, y)); decode_fn:
+  (tok_params, z) -> images in [-1, 1]; mean, std (d,): the latent statistics
+  (z = x * std + mean).
+  """
   x = samplers.sample(velocity_fn(dit, dit_params, sampling), noise, labels, rng,
                       mode=sampling.mode, num_steps=int(sampling.num_steps),
                       shift=float(sampling.shift),
                       last_step=sampling.get("last_step", "release"))
   z = x * std + mean
-  img = gae.apply({"params": gae_params}, z, method=gae_lib.GAE.decode)
+  img = decode_fn(tok_params, z)
   return jnp.clip(jnp.round((img + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
@@ -44,20 +51,23 @@ def noise_for(seed: int, indices, shape: tuple[int, ...]) -> jax.Array:
       jnp.asarray(indices, jnp.uint32))
 
 
-def compile_generate(dit, gae, sampling, mesh, rules, batch: int, latent_shape, dit_params,
-                     gae_params):
-  """AOT-compiled generate(dit_params, gae_params, noise, labels, rng, mean, std), batch-sharded."""
+def compile_generate(dit, decode_fn, sampling, mesh, rules, batch: int, latent_shape,
+                     dit_params, tok_params):
+  """AOT-compiled generate(dit_params, tok_params, noise, labels, rng, mean, std), batch-sharded.
+
+  decode_fn: the tokenizer's pure (params, z) -> images (`handle.decode_fn`).
+  """
   data = sharding_lib.data_sharding(mesh, rules)
   rep = sharding_lib.replicated(mesh)
-  fn = functools.partial(generate, dit=dit, gae=gae, sampling=sampling)
+  fn = functools.partial(generate, dit=dit, decode_fn=decode_fn, sampling=sampling)
   param_sh = lambda t: jax.tree.map(lambda a: a.sharding if isinstance(a, jax.Array) else rep, t)
-  jitted = jax.jit(fn, in_shardings=(param_sh(dit_params), param_sh(gae_params), data, data,
+  jitted = jax.jit(fn, in_shardings=(param_sh(dit_params), param_sh(tok_params), data, data,
                                      rep, rep, rep), out_shardings=data)
   abs_ = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
   d = latent_shape[-1]
   with jax.set_mesh(mesh):
     return jitted.lower(
-        abs_(dit_params), abs_(gae_params),
+        abs_(dit_params), abs_(tok_params),
         jax.ShapeDtypeStruct((batch, *latent_shape), jnp.float32),
         jax.ShapeDtypeStruct((batch,), jnp.int32),
         jax.eval_shape(lambda: jax.random.key(0)),

@@ -1,9 +1,11 @@
-"""`stage = "cache_latents"`: encode a dataset with a frozen GAE into the latent cache.
+"""`stage = "cache_latents"`: encode a dataset with a frozen tokenizer into the latent cache.
 
-  python -m gae_jax.main --config=configs/cache_latents.py:gae=/runs/gae_l32 \
+  python -m gae_jax.main --config=configs/cache_latents.py:tokenizer=/runs/gae_l32 \
       --workdir=/data/latents/gae_l32 [--distributed]
 
-z = mu (no sigma-noise) of every image and of its horizontal flip, with its label, written
+The tokenizer (`config.tokenizer.path`, any family: GAE, PAE, KL) is opened with
+`pretrained.open_tokenizer` and used only through its `.encode_fn` (for a GAE z = mu, no
+sigma-noise). z of every image and of its horizontal flip, with its label, is written
 as ArrayRecord shards (layout and record format: `gae_jax.data.latents`). The source is
 truncated to a multiple of the process count and sliced [process::count]; every process
 encodes its slice with a jitted function sharded over its local devices and writes its own
@@ -30,45 +32,47 @@ from gae_jax import paths
 from gae_jax import sharding as sharding_lib
 from gae_jax.data import latents as latents_lib
 from gae_jax.data import pipeline
-from gae_jax.models import gae as gae_lib
 from gae_jax.trainers import common
 
 
-def encode_pair(params, images, *, model, dtype) -> tuple[jax.Array, jax.Array]:
-  """(mu(x), mu(flip(x))) for NHWC images in [-1, 1]; one model call on [x; flip x]."""
+def encode_pair(params, images, *, encode_fn, dtype) -> tuple[jax.Array, jax.Array]:
+  """(z(x), z(flip(x))) for NHWC images in [-1, 1]; one encoder call on [x; flip x].
+
+  encode_fn: a tokenizer's pure (params, images) -> z (B, h, w, d).
+  """
   x = jnp.concatenate([images, images[:, :, ::-1]], axis=0)
-  _, aux = model.apply({"params": params}, x, train=False, method=gae_lib.GAE.encode)
-  mu, mu_flip = jnp.split(aux["mu"].astype(dtype), 2)
-  return mu, mu_flip
+  z, z_flip = jnp.split(encode_fn(params, x).astype(dtype), 2)
+  return z, z_flip
 
 
-def make_encode_fn(model, dtype, mesh: jax.sharding.Mesh):
+def make_encode_fn(encode_fn, dtype, mesh: jax.sharding.Mesh):
   """`encode_pair` jitted over `mesh`: params replicated, images and both latent outputs
   split over the mesh's 'data' axis (the stage's one-process mesh)."""
   data_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(functools.partial(encode_pair, model=model, dtype=dtype),
+  return jax.jit(functools.partial(encode_pair, encode_fn=encode_fn, dtype=dtype),
                  in_shardings=(rep, data_sh), out_shardings=(data_sh, data_sh))
 
 
-def _data_config(config, gae_image_size: int) -> ml_collections.ConfigDict:
+def _data_config(config, tok_image_size: int) -> ml_collections.ConfigDict:
   data = ml_collections.ConfigDict(config.data.to_dict())
   if not data.image_size:
-    data.image_size = gae_image_size
-  if data.image_size != gae_image_size:
-    logging.warning("cache_latents: data.image_size=%d differs from the GAE's %d; the GAE "
-                    "resizes (torch bicubic) before encoding", data.image_size, gae_image_size)
+    data.image_size = tok_image_size
+  if data.image_size != tok_image_size:
+    logging.warning("cache_latents: data.image_size=%d differs from the tokenizer's %d; its "
+                    "encoder resizes before encoding", data.image_size, tok_image_size)
   return data
 
 
-def _settings(config, data, gae_path: str, n_local: int, process_count: int) -> dict:
+def _settings(config, data, tok_path: str, n_local: int, process_count: int) -> dict:
   """What a resumed extraction must share with the shards already written: besides the
-  settings, content keys of the GAE (its files: a retrained GAE at the same path differs)
-  and of the data source (sources.*.fingerprint)."""
+  settings, content keys of the tokenizer (its files: a retrained one at the same path
+  differs) and of the data source (sources.*.fingerprint). The keys keep their first names
+  ("gae", "gae_fingerprint") so caches begun before the tokenizer field still resume."""
   from gae_jax.data import sources  # pylint: disable=g-import-not-at-top
   shard = int(config.cache.shard_size)
-  return {"gae": os.fspath(paths.path(gae_path)),
-          "gae_fingerprint": sources.path_fingerprint(gae_path),
+  return {"gae": os.fspath(paths.path(tok_path)),
+          "gae_fingerprint": sources.path_fingerprint(tok_path),
           "data_fingerprint": pipeline.make_source(data, config.cache.split).fingerprint(),
           "source": data.source, "root": data.root,
           "tfds_name": data.tfds_name, "split": config.cache.split,
@@ -95,9 +99,9 @@ def _source_dataset(config, data, process_index: int, process_count: int):
 
 
 def plan(config) -> dict:
-  return {"stage": "cache_latents", "gae": config.gae.init_from,
+  return {"stage": "cache_latents", "tokenizer": config.tokenizer.path,
           "data": {"source": config.data.source, "split": config.cache.split,
-                   "image_size": config.data.image_size or "from the GAE"},
+                   "image_size": config.data.image_size or "from the tokenizer"},
           "shard_size": config.cache.shard_size, "global_batch": config.batch_size,
           "processes": jax.process_count(), "local_devices": jax.local_device_count(),
           "stored_dtype": config.cache.dtype, "stats_samples": config.cache.stats_samples}
@@ -106,18 +110,21 @@ def plan(config) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Writes (or completes) the cache in `workdir`; returns the manifest (or {} if stopped)."""
   from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
-  if not config.gae.init_from:
-    raise ValueError("config.gae.init_from must name a GAE (gae_jax workdir or .ckpt)")
+  tok_path = config.tokenizer.path
+  if not tok_path:
+    raise ValueError("config.tokenizer.path must name a tokenizer (GAE / PAE / KL workdir, "
+                     "converted dir or released file): config arg 'tokenizer=PATH'")
   if config.cache.dtype not in ("float32", "bfloat16"):
     raise ValueError(f"config.cache.dtype={config.cache.dtype!r}: use float32 or bfloat16")
   common.write_config(config, workdir)
   paths.makedirs(workdir)
   pi, pc = jax.process_index(), jax.process_count()
-  gae = pretrained.load_gae(config.gae.init_from)
-  data = _data_config(config, gae.config.image_size)
+  tok = pretrained.open_tokenizer(tok_path, use_ema=config.tokenizer.use_ema,
+                                  vfm_weights=config.tokenizer.get("vfm_weights"))
+  data = _data_config(config, tok.image_size)
   ds, n_total = _source_dataset(config, data, pi, pc)
   n_local = len(ds)
-  settings = _settings(config, data, config.gae.init_from, n_local, pc)
+  settings = _settings(config, data, tok_path, n_local, pc)
   done = latents_lib.completed_shards(workdir, pi, settings)
 
   # One mesh over this process's devices: encoding needs no cross-host communication.
@@ -128,9 +135,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if batch <= 0 or batch % mesh.size:
     raise ValueError(f"config.batch_size={config.batch_size} gives {batch} per process, not a "
                      f"multiple of the {mesh.size} local devices")
-  params = jax.device_put(gae.params, rep)
+  params = jax.device_put(tok.params, rep)
   dtype = jnp.dtype(config.cache.dtype)
-  encode = make_encode_fn(gae.model, dtype, mesh)
+  encode = make_encode_fn(tok.encode_fn, dtype, mesh)
   size = int(data.image_size)
   shard_size = settings["shard_size"]
   logging.info("cache_latents: process %d/%d, %d of %d examples, %d shards of %d (%d done), "
@@ -185,12 +192,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rec = latents_lib.decode_record(
           grain.sources.ArrayRecordDataSource([paths.local_copy(first)])[0])
       latent_shape = np.shape(rec["latent"])
-    meta = {"gae": os.fspath(paths.path(config.gae.init_from)),
+    meta = {"tokenizer": os.fspath(paths.path(tok_path)), "tokenizer_family": tok.family,
             "latent_shape": [int(v) for v in latent_shape], "dtype": config.cache.dtype,
             "num_classes": int(pipeline.num_classes(data)), "image_size": size,
             "source": data.source, "split": config.cache.split,
             "num_source_examples": n_total, "process_count": pc,
-            "gae_image_size": int(gae.config.image_size)}
+            "tokenizer_image_size": int(tok.image_size)}
     manifest = latents_lib.finalize(workdir, meta, process_count=pc,
                                     stats_samples=int(config.cache.stats_samples),
                                     stats_seed=int(config.cache.stats_seed))

@@ -10,10 +10,10 @@ writing into its own subdirectory of the workdir:
 
   1 teacher       1_teacher/  configs/teacher_l32.py:runlocal (VGG16 relu5_3 semantic teacher)
   2 gae           2_gae/      configs/gae_l32.py:runlocal, teacher.init_from=1_teacher (L_sp)
-  3 latent cache  3_latents/  configs/cache_latents.py:runlocal,gae=2_gae
+  3 latent cache  3_latents/  configs/cache_latents.py:runlocal,tokenizer=2_gae
   4 dit           4_dit/      configs/dit_xl_gae32_80ep.py:runlocal,cache=3_latents
   5 samples       5_samples/  configs/dit_xl_gae32_80ep.py:sample,runlocal,ckpt=4_dit
-  6 evaluation    6_eval/     configs/eval_reconstruction.py:runlocal,gae=2_gae with kinds
+  6 evaluation    6_eval/     configs/eval_reconstruction.py:runlocal,tokenizer=2_gae with kinds
                               robustness (its s = 0 row is the reconstruction metrics) and
                               generation (FID / precision / recall of 5_samples)
 
@@ -172,10 +172,10 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str
   d = {s.key: stage_dir(os.path.abspath(workdir), s) for s in STAGES}
   out = {s.key: copy.deepcopy(config[s.key]) for s in STAGES}
   out["gae"].teacher.init_from = d["teacher"]
-  out["cache"].gae.init_from = d["gae"]
+  out["cache"].tokenizer.path = d["gae"]
   out["dit"].data.cache_dir = d["cache"]
   out["sample"].dit.init_from = d["dit"]
-  out["eval"].gae.init_from = d["gae"]
+  out["eval"].tokenizer.path = d["gae"]
   out["eval"].eval.generation.samples = os.path.join(
       d["sample"], f"{out['sample'].sample.output}.npz")
   return out
@@ -461,7 +461,7 @@ def write_report(config, workdir: str, cfgs: dict, statuses: dict) -> dict[str, 
     ev = json.load(f)
 
   # Reconstructions: the first held-out crop of every photo, through the trained GAE.
-  gae = pretrained.load_gae(dirs["gae"])
+  gae = pretrained.open_tokenizer(dirs["gae"])
   data = pipeline.default_data_config()
   data.source = cfgs["eval"].data.source
   data.root = cfgs["eval"].data.root

@@ -1,15 +1,17 @@
 r"""`config.stage = "eval"`: generation / reconstruction / robustness / linear-probe /
 latent-diagnostics evaluations, written to the workdir as metrics.json, PNGs and report.md.
 
-  python -m gae_jax.main --config=configs/eval_reconstruction.py:gae=/runs/gae_l32 \
+  python -m gae_jax.main --config=configs/eval_reconstruction.py:tokenizer=/runs/gae_l32 \
       --workdir=/runs/gae_l32/eval
   python -m gae_jax.main --config=configs/eval_generation.py:samples=/runs/samples.npz,\
 reference=/data/VIRTUAL_imagenet256_labeled.npz --workdir=/runs/eval_gen
-  python -m gae_jax.main --config=configs/eval_latents.py:gae=/runs/gae_l32 --workdir=...
+  python -m gae_jax.main --config=configs/eval_latents.py:tokenizer=/runs/gae_l32 --workdir=...
 
 `config.eval.kind` is one of {"generation", "reconstruction", "robustness", "linear_probe",
 "diagnostics", "manifold"} or several, comma-separated (or a list). Everything is data-parallel over
 all devices and hosts (`evaluation.features`); only process 0 writes files.
+The tokenizer under test (`config.tokenizer.path`, any family: GAE, PAE, KL) is opened with
+`pretrained.open_tokenizer` and used only through `.encode_fn` / `.decode_fn` / `.params`.
 """
 
 import importlib
@@ -35,9 +37,9 @@ from gae_jax.trainers import common
 
 KINDS = ("generation", "reconstruction", "robustness", "linear_probe", "diagnostics",
          "manifold")
-NEEDS_GAE = ("reconstruction", "robustness", "linear_probe", "diagnostics", "manifold")
+NEEDS_TOKENIZER = ("reconstruction", "robustness", "linear_probe", "diagnostics", "manifold")
 RANDOM_GAE = "random"
-RANDOM_GAE_NOTE = ("gae.init_from='random': a randomly initialised tiny GAE (smoke test of "
+RANDOM_GAE_NOTE = ("tokenizer.path='random': a randomly initialised tiny GAE (smoke test of "
                    "the pipeline); its numbers mean nothing about any trained model.")
 
 
@@ -71,27 +73,30 @@ def random_gae(image_size: int, *, latent_dim: int = 8, patch_size: int = 8, see
   return pretrained.GAEHandle(params, cfg, source="random init")
 
 
-def load_gae(config, image_size: int):
-  path = config.gae.init_from
-  if not path:
-    raise ValueError("config.gae.init_from must name a GAE (workdir, converted dir or .ckpt) "
-                     f"for eval kinds {NEEDS_GAE}")
-  if path == RANDOM_GAE:
+def load_tokenizer(config, image_size: int):
+  """The tokenizer handle `config.tokenizer.path` names ('random': `random_gae`)."""
+  t = config.tokenizer
+  if not t.path:
+    raise ValueError("config.tokenizer.path must name a tokenizer (GAE / PAE / KL workdir, "
+                     f"converted dir or released file) for eval kinds {NEEDS_TOKENIZER}")
+  if t.path == RANDOM_GAE:
     logging.warning(RANDOM_GAE_NOTE)
     return random_gae(image_size or 64)
   from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
-  return pretrained.load_gae(path, use_ema=config.gae.get("use_ema", True))
+  return pretrained.open_tokenizer(t.path, use_ema=t.get("use_ema", True),
+                                   vfm_weights=t.get("vfm_weights"))
 
 
-def _data_config(config, gae_size: int | None):
+def _data_config(config, tok_size: int | None):
   data = ml_collections.ConfigDict(config.data.to_dict())
   if int(data.image_size) <= 0:
-    if gae_size is None:
-      raise ValueError("config.data.image_size=0 (the GAE's size) but no GAE is loaded")
-    data.image_size = gae_size
-  if gae_size is not None and int(data.image_size) != gae_size:
-    raise ValueError(f"config.data.image_size={data.image_size} differs from the GAE's "
-                     f"image size {gae_size}")
+    if tok_size is None:
+      raise ValueError("config.data.image_size=0 (the tokenizer's size) but no tokenizer is "
+                       "loaded")
+    data.image_size = tok_size
+  if tok_size is not None and int(data.image_size) != tok_size:
+    raise ValueError(f"config.data.image_size={data.image_size} differs from the tokenizer's "
+                     f"image size {tok_size}")
   return data
 
 
@@ -111,9 +116,9 @@ def _lpips_params(config):
 # Evaluations.
 
 
-def run_reconstruction(config, gae, data, mesh, scales) -> dict:
+def run_reconstruction(config, tok, data, mesh, scales) -> dict:
   e = config.eval
-  fns = rec_lib.gae_fns(gae)
+  fns = rec_lib.tokenizer_fns(tok)
   inc = _inception_vars(config) if e.get("rfid", True) else None
   batches = rec_lib.data_batches(data, e.split, config.batch_size, e.num_images)
   return rec_lib.evaluate_reconstruction(
@@ -126,7 +131,8 @@ def _sample_from_dit(config, workdir: str) -> str:
   """Runs the `sample` stage into <workdir>/samples and returns its .npz."""
   from gae_jax import configs_lib  # pylint: disable=g-import-not-at-top
   g = config.eval.generation
-  a = ml_collections.ConfigDict(dict(ckpt=g.dit, gae=config.gae.init_from or "",
+  a = ml_collections.ConfigDict(dict(ckpt=g.dit, tokenizer=(
+      config.tokenizer.path if config.tokenizer.path != RANDOM_GAE else "") or "",
                                      cfg=g.get("cfg", False),
                                      ablation=g.get("ablation", False),
                                      num_samples=g.num_samples
@@ -202,9 +208,9 @@ def _num_classes(data) -> int:
   return int(pipeline.num_classes(data))
 
 
-def run_linear_probe(config, gae, data, mesh, cache: dict) -> dict:
+def run_linear_probe(config, tok, data, mesh, cache: dict) -> dict:
   p = config.eval.probe
-  fns = rec_lib.gae_fns(gae)
+  fns = rec_lib.tokenizer_fns(tok)
   if p.get("train_cache"):
     train = probe_lib.CachedLatents(p.train_cache, max_examples=p.num_train)
   else:
@@ -222,9 +228,9 @@ def run_linear_probe(config, gae, data, mesh, cache: dict) -> dict:
   return {h: {k: v for k, v in vars(r).items() if k != "head"} for h, r in res.items()}
 
 
-def run_diagnostics(config, gae, data, mesh, cache: dict) -> tuple[dict, dict]:
+def run_diagnostics(config, tok, data, mesh, cache: dict) -> tuple[dict, dict]:
   d = config.eval.diagnostics
-  fns = rec_lib.gae_fns(gae)
+  fns = rec_lib.tokenizer_fns(tok)
   val, images = cache.get("val") or (None, None)
   if val is None or images is None or len(val) < min(d.num_images, 2):
     val, images = _encode(fns, data, config.eval.probe.val_split, d.num_images, config,
@@ -303,8 +309,8 @@ def plan(config) -> dict:
   ks = kinds(config)
   e = config.eval
   mesh = features_lib.eval_mesh()
-  return {"stage": "eval", "kinds": ks, "gae": config.gae.init_from if any(
-              k in NEEDS_GAE for k in ks) else None,
+  return {"stage": "eval", "kinds": ks, "tokenizer": config.tokenizer.path if any(
+              k in NEEDS_TOKENIZER for k in ks) else None,
           "data": {"source": config.data.source, "split": e.split,
                    "image_size": config.data.image_size, "num_images": e.num_images},
           "global_batch": config.batch_size,
@@ -317,11 +323,14 @@ def plan(config) -> dict:
           "manifold": dict(e.manifold.to_dict()) if "manifold" in ks else None}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, gae=None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
+                       gae=None) -> dict:
   """Runs the requested evaluations; writes metrics.json, PNGs, report.md; returns results.
 
-  gae: an already loaded `pretrained.GAEHandle` (else `config.gae.init_from` is loaded).
+  tokenizer: an already opened tokenizer handle (else `config.tokenizer.path` is opened);
+  `gae=` is its old name.
   """
+  tok = tokenizer if tokenizer is not None else gae
   ks = kinds(config)
   common.write_config(config, workdir)
   mesh = features_lib.eval_mesh()
@@ -329,26 +338,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, gae=N
                                       "processes": jax.process_count(),
                                       "data_source": config.data.source},
                              "notes": [], "images": {}, "timings_s": {}}
-  if any(k in NEEDS_GAE for k in ks) and gae is None:
-    gae = load_gae(config, int(config.data.image_size))
-    if config.gae.init_from == RANDOM_GAE:
+  if any(k in NEEDS_TOKENIZER for k in ks) and tok is None:
+    tok = load_tokenizer(config, int(config.data.image_size))
+    if config.tokenizer.path == RANDOM_GAE:
       results["notes"].append(RANDOM_GAE_NOTE)
-  if gae is not None:
-    results["meta"]["gae"] = str(config.gae.init_from or gae.config.get("source", "<handle>"))
-  data = _data_config(config, int(gae.config.image_size) if gae is not None else None)
+  if tok is not None:
+    results["meta"]["tokenizer"] = str(config.tokenizer.path or getattr(tok, "source", None)
+                                       or "<handle>")
+    results["meta"]["tokenizer_family"] = tok.family
+  data = _data_config(config, int(tok.image_size) if tok is not None else None)
   results["meta"]["image_size"] = int(data.image_size)
   cache: dict[str, Any] = {}
   for kind in ks:
     t0 = time.perf_counter()
     logging.info("eval: %s", kind)
     if kind == "reconstruction":
-      r = run_reconstruction(config, gae, data, mesh, (0.0,))
+      r = run_reconstruction(config, tok, data, mesh, (0.0,))
       results["reconstruction"] = {"per_scale": r["per_scale"]}
       if "images" in r:
         results["images"]["reconstructions"] = np.concatenate(
             [r["images"]["original"], r["images"]["reconstruction"]])
     elif kind == "robustness":
-      r = run_reconstruction(config, gae, data, mesh, tuple(config.eval.robustness.scales))
+      r = run_reconstruction(config, tok, data, mesh, tuple(config.eval.robustness.scales))
       results["robustness"] = {"per_scale": r["per_scale"]}
     elif kind == "generation":
       g = run_generation(config, data, mesh, workdir)
@@ -357,13 +368,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, gae=N
       if grid is not None:
         results["images"]["generation_samples"] = grid
     elif kind == "linear_probe":
-      results["linear_probe"] = run_linear_probe(config, gae, data, mesh, cache)
+      results["linear_probe"] = run_linear_probe(config, tok, data, mesh, cache)
     elif kind == "diagnostics":
-      out, imgs = run_diagnostics(config, gae, data, mesh, cache)
+      out, imgs = run_diagnostics(config, tok, data, mesh, cache)
       results["diagnostics"] = out
       results["images"].update(imgs)
     elif kind == "manifold":
-      results["manifold"] = run_manifold(config, gae, data, mesh, cache)
+      results["manifold"] = run_manifold(config, tok, data, mesh, cache)
     results["timings_s"][kind] = round(time.perf_counter() - t0, 2)
   n_fid = [r["num_images"] for k in ("reconstruction", "robustness") if k in results
            for r in results[k]["per_scale"] if "rfid" in r]

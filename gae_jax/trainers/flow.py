@@ -1,4 +1,4 @@
-"""Stage 3: LightningDiT flow matching on cached GAE latents (docs/method.md, stage 3).
+"""Stage 3: LightningDiT flow matching on cached tokenizer latents (docs/method.md, stage 3).
 
   python -m gae_jax.main --config=configs/dit_xl_gae32_80ep.py:cache=/data/latents/gae_l32 \
       --workdir=/runs/dit_80ep
@@ -10,7 +10,9 @@ decay, no clipping), EMA 0.9999 every step; per-step randomness from fold_in(rng
 Checkpoints hold params, optimizer, EMA and the grain iterator, so a resume continues the
 identical run (the authors' release drops the optimizer state on resume; we do not).
 Sample grids (EMA params, fixed noise and class-uniform labels, a short sampler run)
-are decoded with the cache's GAE and written to `<workdir>/images/samples_<step>.png`.
+are decoded with the cache's tokenizer (any family; `config.tokenizer.path` overrides it,
+opened with `pretrained.open_tokenizer` and used through its `.decode_fn`) and written to
+`<workdir>/images/samples_<step>.png`.
 """
 
 import functools
@@ -161,13 +163,15 @@ class Setup:
 class SampleGrid:
   """Fixed noise + class-uniform labels -> a decoded PNG grid from the EMA params."""
 
-  def __init__(self, setup: Setup, gae_path: str):
+  def __init__(self, setup: Setup, tok_path: str):
     from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
     c = setup.config
-    self.gae = pretrained.load_gae(gae_path)
-    if self.gae.latent_shape != latent_shape(c):
-      raise ValueError(f"GAE {gae_path} has latents {self.gae.latent_shape}, the DiT "
-                       f"{latent_shape(c)}")
+    tc = c.get("tokenizer") or {}
+    self.tokenizer = pretrained.open_tokenizer(tok_path, use_ema=tc.get("use_ema", True),
+                                               vfm_weights=tc.get("vfm_weights"))
+    if self.tokenizer.latent_shape != latent_shape(c):
+      raise ValueError(f"tokenizer {tok_path} has latents {self.tokenizer.latent_shape}, "
+                       f"the DiT {latent_shape(c)}")
     n_dev = setup.data_sharding.mesh.size
     classes = min(c.model.num_classes, setup.manifest["num_classes"])
     n = max(n_dev, -(-c.num_eval_images // n_dev) * n_dev)
@@ -177,7 +181,7 @@ class SampleGrid:
       self.noise = jax.jit(
           functools.partial(generate_lib.noise_for, c.seed + 1, shape=latent_shape(c)),
           out_shardings=setup.data_sharding)(np.arange(n, dtype=np.uint32))
-    self.gae_params = jax.device_put(self.gae.params, setup.replicated)
+    self.tok_params = jax.device_put(self.tokenizer.params, setup.replicated)
     self.setup = setup
     self._compiled = None
 
@@ -185,10 +189,10 @@ class SampleGrid:
     s = self.setup
     if self._compiled is None:
       self._compiled = generate_lib.compile_generate(
-          s.model, self.gae.model, s.config.sample_grid, s.mesh, s.rules,
-          self.labels.shape[0], latent_shape(s.config), ema_params, self.gae_params)
+          s.model, self.tokenizer.decode_fn, s.config.sample_grid, s.mesh, s.rules,
+          self.labels.shape[0], latent_shape(s.config), ema_params, self.tok_params)
     with jax.set_mesh(s.mesh):
-      images = self._compiled(ema_params, self.gae_params, self.noise, self.labels,
+      images = self._compiled(ema_params, self.tok_params, self.noise, self.labels,
                               jax.random.key(s.config.seed + 2), stats["mean"], stats["std"])
     return common.to_host_images(images)
 
@@ -219,8 +223,9 @@ def plan(config) -> dict:
           "compute_dtype": str(common.compute_dtype(config))}
 
 
-def _gae_path(config, manifest) -> Optional[str]:
-  return config.gae.init_from or (manifest or {}).get("gae")
+def _tokenizer_path(config, manifest) -> Optional[str]:
+  """config.tokenizer.path, else the tokenizer the latent cache was encoded with."""
+  return config.tokenizer.path or latents_lib.manifest_tokenizer(manifest)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -236,11 +241,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {}
   compiled = s.compile_train_step()
   grid = None
-  gae_path = _gae_path(config, s.manifest)
-  if config.image_every and gae_path:
-    grid = SampleGrid(s, gae_path)
+  tok_path = _tokenizer_path(config, s.manifest)
+  if config.image_every and tok_path:
+    grid = SampleGrid(s, tok_path)
   elif config.image_every:
-    logging.warning("No GAE known (config.gae.init_from, cache manifest): no sample grids")
+    logging.warning("No tokenizer known (config.tokenizer.path, cache manifest): no sample "
+                    "grids")
 
   def sample_grid(step, state, writer):
     images = grid(state.ema_params, stats)

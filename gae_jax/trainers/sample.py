@@ -1,5 +1,6 @@
 """`stage = "sample"`: class-uniform (or random-label) samples of a LightningDiT, decoded
-by the GAE.
+by its tokenizer (`config.tokenizer.path`, any family, else the one the flow run's cache
+was encoded with; used only through `pretrained.open_tokenizer(...).decode_fn`).
 
   python -m gae_jax.main --config=configs/dit_xl_gae32_800ep.py:sample,cfg \
       --config.dit.init_from=/runs/dit_800ep --workdir=/runs/dit_800ep/samples
@@ -9,7 +10,7 @@ inference_sample.py) gives exactly `num_samples / num_classes` samples per class
 0,0,..,1,1,..); 'random' (the ablation protocol, App. H) draws them uniformly from
 `sample.seed`. The last global batch is padded (label 0, discarded). The whole sampler
 (SDE without CFG, or an Euler/Heun ODE with CFG inside the guidance interval), the
-de-normalisation z * std + mean, the GAE decode and the uint8 quantisation run in one jit
+de-normalisation z * std + mean, the tokenizer decode and the uint8 quantisation run in one jit
 sharded over the batch.
 Output: `<workdir>/<output>.npz` with `arr_0` (N, H, W, 3) uint8 (the ADM evaluator's
 layout, streamed to disk batch by batch) and `<output>.png`, a grid of the first images
@@ -109,29 +110,33 @@ def plan(config) -> dict:
   s = config.sample
   uniform = _label_mode(s) == "uniform" and s.num_samples % s.num_classes == 0
   per_class = s.num_samples // s.num_classes if uniform else None
-  return {"stage": "sample", "dit": config.dit.init_from, "gae": config.gae.init_from,
+  return {"stage": "sample", "dit": config.dit.init_from, "tokenizer": config.tokenizer.path,
           "num_samples": s.num_samples, "num_classes": s.num_classes,
           "per_class": per_class, "global_batch": config.batch_size,
           "calls": -(-s.num_samples // config.batch_size),
           "sampler": dict(s.to_dict())}
 
 
-def _resolve_gae(config, dit_path: str) -> str:
-  if config.gae.init_from:
-    return config.gae.init_from
+def _resolve_tokenizer(config, dit_path: str) -> str:
+  """config.tokenizer.path, else the one a flow workdir names (its config, its cache)."""
+  if config.tokenizer.path:
+    return config.tokenizer.path
   import json  # pylint: disable=g-import-not-at-top
   from gae_jax.data import latents as latents_lib  # pylint: disable=g-import-not-at-top
   cfg_path = os.path.join(dit_path, "config.json")
   if paths.path(dit_path).is_dir() and paths.path(cfg_path).is_file():
     cfg = json.loads(paths.path(cfg_path).read_text())
-    gae = (cfg.get("gae") or {}).get("init_from")
+    # "gae.init_from": flow runs written before the tokenizer field.
+    tok = ((cfg.get("tokenizer") or {}).get("path")
+           or (cfg.get("gae") or {}).get("init_from"))
     cache = (cfg.get("data") or {}).get("cache_dir")
-    if not gae and cache:
-      gae = latents_lib.load_manifest(cache).get("gae")
-    if gae:
-      return gae
-  raise ValueError("config.gae.init_from is not set and cannot be found from "
-                   f"config.dit.init_from={dit_path} (a flow workdir records its cache's GAE)")
+    if not tok and cache:
+      tok = latents_lib.manifest_tokenizer(latents_lib.load_manifest(cache))
+    if tok:
+      return tok
+  raise ValueError("config.tokenizer.path is not set and cannot be found from "
+                   f"config.dit.init_from={dit_path} (a flow workdir records its cache's "
+                   "tokenizer)")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -152,25 +157,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if s.num_classes != handle.num_classes:
     raise ValueError(f"config.sample.num_classes={s.num_classes} but the DiT has "
                      f"{handle.num_classes} classes")
-  gae = pretrained.load_gae(_resolve_gae(config, config.dit.init_from))
-  if gae.latent_shape != handle.latent_shape:
-    raise ValueError(f"GAE latents {gae.latent_shape} do not match the DiT's "
-                     f"{handle.latent_shape}")
+  tok_path = _resolve_tokenizer(config, config.dit.init_from)
+  tok = pretrained.open_tokenizer(tok_path, use_ema=config.tokenizer.use_ema,
+                                  vfm_weights=config.tokenizer.get("vfm_weights"))
+  if tok.latent_shape != handle.latent_shape:
+    raise ValueError(f"tokenizer {tok_path} latents {tok.latent_shape} do not match the "
+                     f"DiT's {handle.latent_shape}")
   rep = sharding_lib.replicated(mesh)
   dit_params = jax.device_put(handle.params, rep)
-  gae_params = jax.device_put(gae.params, rep)
+  tok_params = jax.device_put(tok.params, rep)
   mean, std = jax.device_put((handle.mean, handle.std), rep)
   batch = config.batch_size
   mode = _label_mode(s)
   labels, total = _padded_labels(s.num_samples, s.num_classes, batch, mode, s.seed)
   t0 = time.perf_counter()
-  compiled = generate_lib.compile_generate(handle.model, gae.model, s, mesh, rules, batch,
-                              handle.latent_shape, dit_params, gae_params)
+  compiled = generate_lib.compile_generate(handle.model, tok.decode_fn, s, mesh, rules, batch,
+                                           handle.latent_shape, dit_params, tok_params)
   logging.info("sample: compiled in %.1fs; %d samples (%s labels, %d classes) in %d calls "
                "of %d", time.perf_counter() - t0, s.num_samples, mode, s.num_classes,
                total // batch, batch)
   data = sharding_lib.data_sharding(mesh, rules)
-  size = gae.config.image_size
+  size = tok.image_size
   paths.makedirs(workdir)
   npz_path = os.path.join(workdir, f"{s.output}.npz")
   writer = NpzWriter(npz_path, (s.num_samples, size, size, 3)) if jax.process_index() == 0 \
@@ -187,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     y = sharding_lib.global_array(labels[start:start + batch], data)
     rng = jax.random.fold_in(jax.random.fold_in(base_key, 1), call)
     with jax.set_mesh(mesh):
-      images = compiled(dit_params, gae_params, noise, y, rng, mean, std)
+      images = compiled(dit_params, tok_params, noise, y, rng, mean, std)
     images = common.to_host_images(images)
     keep = min(batch, s.num_samples - start)
     if writer is not None:
