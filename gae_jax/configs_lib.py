@@ -801,3 +801,78 @@ def pae_refine_config(arg: str | None, *, latent_dim: int = 32) -> ml_collection
     c.ckpt_every = 100
     c.num_eval_images = 8
   return c
+
+
+def pae_config(arg: str | None, *, latent_dim: int = 32) -> ml_collections.ConfigDict:
+  """Stage 1 of PAE: the tokenizer (PAE_SPEC §3), `stage = "pae"`.
+
+  arg: 'runlocal' (tiny 'mu' PAE on the embedded photos with a random tiny VFM; CPU
+  minutes), 'refine=<pae_refine workdir>' (the stage-0 targets: turns SSR and SCR on;
+  without it `runlocal` runs with SSR = SCR = 0 and says so), 'weights=<DINOv2 file>',
+  'variant=L|B|XL' (decoder size), 'source=embedded|folder|tfds', 'root=...'.
+  Loss weights are the paper's (lambda_lpips 1, lambda_gan 0.5, lambda_ssr 0.2,
+  lambda_mcr 0.5, lambda_scr 1). Each [I] default of the spec is a switch under loss.ssr /
+  loss.mcr / loss.scr; optimiser, schedule, GAN start, EMA are not in any source (spec §3.5):
+  GAE stage 2's AdamW recipe for 25 epochs (the paper's ablation budget), no EMA.
+  """
+  from gae_jax.data import pipeline  # late import: configs stay light to parse
+  a = parse_arg(arg, runlocal=False, refine="", weights="", variant="L", source="tfds",
+                root="", latent_dim=latent_dim,
+                exclusive=[("runlocal", "variant"), ("runlocal", "source"),
+                           ("runlocal", "root")])
+  c = common_config("pae")
+  c.vfm = pae_vfm_config(a.runlocal, a.weights)
+  c.model = ml_collections.ConfigDict(dict(variant=a.variant, latent_dim=a.latent_dim))
+  c.refine = ml_collections.ConfigDict(dict(
+      init_from=ml_collections.FieldReference(a.refine or None, field_type=str),
+      init_compressor=True))     # [I] start the compressor from P_t (spec §3.4 hook names)
+  c.loss = ml_collections.ConfigDict(dict(
+      l1_weight=1.0, lpips_weight=1.0,
+      disc_weight=0.5,           # lambda_gan, fixed (no adaptive weight)
+      disc_start=5001,           # [I] not given: GAE's delayed start
+      disc_loss="hinge", disc_layers=3, disc_ndf=64,
+      sigma_std=0.0,             # [I] sigma-noise on z before decoding: off (spec §3.5)
+      ssr_weight=0.2, mcr_weight=0.5, scr_weight=1.0,
+      ssr=dict(target="z_t",     # [I] 'z_t' (Z_T) | 'h_ref' (structural target)
+               normalize="cosine",   # [I] cosine Grams | 'none'
+               reduction="mean"),    # [I] mean over N^2 entries | 'sum' (Frobenius^2)
+      mcr=dict(angles=(42.5, 85.0),  # medium, large (paper Tab. 7); () or one angle: ablations
+               mode="rotate",        # [I] geodesic per token | 'additive' (z + tan(t)|z|u)
+               renormalize=False,    # [I] additive only: back onto the sphere
+               chain="cascade",      # paper: large -> medium -> recon | 'anchor' (ours)
+               encoder_grad=True),   # [I] gradients reach the encoder through z_m, z_l
+      scr=dict(pooling="mean",       # [I] 'mean' (GAP) | 'max'
+               global_weight=1.0, patch_weight=1.0)))  # Tab. 3(c) ablations
+  # [I] GAE stage 2's recipe (Tab. 13): AdamW 2e-4 -> 2e-5 cosine, betas (0.9, 0.98),
+  # wd 0.05; discriminator 1e-5 -> 1e-6 (GAE release). 25 epochs at batch 1024.
+  c.optim = optimizer_config(2e-4, end_lr=2e-5, warmup_steps=1000, b1=0.9, b2=0.98,
+                             weight_decay=0.05)
+  c.disc_optim = optimizer_config(1e-5, end_lr=1e-6, b1=0.9, b2=0.98, weight_decay=0.0)
+  c.batch_size = 1024
+  c.total_steps = 25 * IMAGENET_TRAIN_IMAGES // c.batch_size
+  c.log_every = 100
+  c.image_every = 5000
+  c.ckpt_every = 5000
+  c.data = pipeline.default_data_config()
+  c.data.source = a.source
+  c.data.root = a.root
+  c.data.image_size = 256
+  c.data.num_workers = 8
+  if a.runlocal:
+    if not a.refine:
+      c.loss.ssr_weight = c.loss.scr_weight = 0.0   # no stage-0 targets: said at start
+    c.model.variant = "mu"
+    c.data.source = "embedded"
+    c.data.image_size = 64
+    c.data.num_workers = 0
+    c.batch_size = 8
+    c.total_steps = 160
+    c.optim.warmup_steps = 10
+    c.optim.lr, c.optim.end_lr = 2e-3, 2e-4
+    c.disc_optim.lr, c.disc_optim.end_lr = 1e-4, 1e-5
+    c.loss.disc_start = 160        # no GAN within the run (as the GAE runlocal)
+    c.log_every = 20
+    c.image_every = 80
+    c.ckpt_every = 80
+    c.num_eval_images = 32
+  return c

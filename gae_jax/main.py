@@ -52,6 +52,7 @@ STAGES = {
     "eval": "gae_jax.trainers.evaluate",
     "demo": "gae_jax.trainers.demo",
     "pae_refine": "gae_jax.trainers.pae_refine",
+    "pae": "gae_jax.trainers.pae",
 }
 
 

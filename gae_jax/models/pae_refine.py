@@ -6,18 +6,17 @@ tokens H_vfm (B, N, D) into two targets for the tokenizer's regularisers:
   H_ref = low_pass(H_vfm)           (B, g, g, D) structural target (losses.low_pass)
 trained with  L_refine = lambda_rep * MSE(Q_t(Z_T), H_vfm) + lambda_gram * ||Gram(Z_T) -
 Gram(H_ref)||^2.  The paper gives Q_t as "a 4-layer ViT, hidden 1024" and nothing else:
-  P_t (spec [I]) has the PAE compressor's form -- attention without residual or pre-norm
-      (qkv without bias, output projection with bias), conv 3x3 D -> d (bias), parameter-free
-      RMSNorm per token (eps 1e-6) -- so stage 1 can start its compressor from it.
+  P_t (spec [I]) is the PAE compressor (models/pae.py `Compressor`): attention without
+      residual or pre-norm, conv 3x3 D -> d, parameter-free RMSNorm per token -- so stage 1
+      can start its compressor from it.
   Q_t (spec [I]) Linear d -> width, a learned position table, `depth` pre-norm blocks of the
       house transformer (layers.Transformer: RMSNorm, QK-norm, SwiGLU), RMSNorm, Linear
       width -> D.
 
 The frozen VFM is DINOv2 (models/dinov2.py; PAE releases the with-registers ViT-L/14) with
-its final LayerNorm's affine removed (`strip_final_norm_affine`); it is applied separately,
-never inside these modules (house rule: frozen networks are separate step arguments).
-`vfm_inputs` prepares its input as the authors' code does: [0, 1] image, torch bicubic
-resize without antialias to the VFM size, ImageNet mean/std.
+its final LayerNorm's affine removed (`final_norm_affine=False`); it is applied separately,
+never inside these modules (house rule: frozen networks are separate step arguments), its
+input prepared by models/pae.py `vfm_inputs`.
 """
 
 import functools
@@ -30,6 +29,7 @@ import numpy as np
 
 from gae_jax.models import dinov2 as dinov2_lib
 from gae_jax.models import layers
+from gae_jax.models import pae as pae_lib
 
 Dtype = Any
 
@@ -51,45 +51,11 @@ def vfm_info(vfm_config) -> dict:
   return info
 
 
-def vfm_module(info: dict, dtype: Dtype = jnp.float32,
-               attention_impl: Optional[str] = None) -> dinov2_lib.DinoV2:
-  return dinov2_lib.DinoV2(**{**info, "dtype": dtype, "attention_impl": attention_impl})
-
-
-def strip_final_norm_affine(params: dict) -> dict:
-  """DINOv2 params whose final LayerNorm is affine-free (scale 1, bias 0), as PAE's code
-  sets that LayerNorm's weight and bias to None (spec §2.2)."""
-  norm = params["norm"]
-  return {**params, "norm": {"scale": np.ones_like(np.asarray(norm["scale"])),
-                             "bias": np.zeros_like(np.asarray(norm["bias"]))}}
-
-
-def vfm_inputs(images_m11: jax.Array, size: int) -> jax.Array:
-  """[-1, 1] NHWC -> the VFM input: [0, 1], torch bicubic resize (a = -0.75, no antialias)
-  to size x size when the side differs, ImageNet mean/std (spec §2.1). float32."""
-  if images_m11.ndim != 4 or images_m11.shape[-1] != 3:
-    raise ValueError(f"vfm_inputs expects NHWC RGB images, got shape {images_m11.shape}")
-  x = (images_m11.astype(jnp.float32) + 1.0) * 0.5
-  if x.shape[1:3] != (size, size):
-    x = dinov2_lib.torch_resize(x, (size, size), method="bicubic", antialias=False)
-  mean = jnp.asarray(dinov2_lib.IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(dinov2_lib.IMAGENET_STD, jnp.float32)
-  return (x - mean) / std
-
-
-def denormalize(out: jax.Array) -> jax.Array:
-  """VFM-normalised image -> [-1, 1] (unclipped): (out * std + mean) * 2 - 1."""
-  mean = jnp.asarray(dinov2_lib.IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(dinov2_lib.IMAGENET_STD, jnp.float32)
-  return (out.astype(jnp.float32) * std + mean) * 2.0 - 1.0
-
-
-def vfm_patch_tokens(module: dinov2_lib.DinoV2, variables: dict, x_vfm: jax.Array
-                     ) -> jax.Array:
-  """H_vfm: the frozen VFM's patch tokens (B, N, D), CLS and registers dropped, float32,
-  behind stop_gradient. x_vfm from `vfm_inputs`."""
-  out = module.apply(variables, x_vfm)
-  return jax.lax.stop_gradient(out["patch_tokens"].astype(jnp.float32))
+def vfm_module(info: dict, dtype: Dtype = jnp.float32, attention_impl: Optional[str] = None,
+               final_norm_affine: bool = False) -> dinov2_lib.DinoV2:
+  """The frozen DinoV2; final_norm_affine=False (released PAE) has no final-LN weight/bias."""
+  return dinov2_lib.DinoV2(**{**info, "dtype": dtype, "attention_impl": attention_impl,
+                              "final_norm_affine": final_norm_affine})
 
 
 def token_grid(h: jax.Array) -> jax.Array:
@@ -107,9 +73,9 @@ def token_grid(h: jax.Array) -> jax.Array:
 class Projector(nn.Module):
   """P_t: tokens (B, N, D) -> Z_T (B, g, g, d) on the sphere of radius sqrt(d).
 
-  attention without residual / pre-norm (qkv no bias, proj with bias) -> conv 3x3 (pad 1,
-  bias) -> parameter-free RMSNorm (eps 1e-6, float32): the PAE compressor's form (spec
-  §2.4). num_heads None: D // 64 (16 for D = 1024).
+  Exactly the PAE compressor (models/pae.py `Compressor`: attention without residual /
+  pre-norm, conv 3x3, parameter-free RMSNorm) -- spec §8 [I] -- so its parameters can
+  start stage 1's compressor. num_heads None: D // 64 (16 for D = 1024).
   """
   latent_dim: int
   num_heads: Optional[int] = None
@@ -119,18 +85,11 @@ class Projector(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array) -> jax.Array:
-    b, n, width = h.shape
-    heads = self.num_heads or max(1, width // 64)
-    x = layers.Attention(heads, qkv_bias=False, proj_bias=True, qk_norm=None,
-                         attention_impl=self.attention_impl, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="attn")(h.astype(self.dtype))
-    x = token_grid(x)
-    x = nn.Conv(self.latent_dim, (3, 3), padding=1, dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                kernel_init=layers.dense_init((None, None, "embed", "latent")),
-                bias_init=layers.dense_init(("latent",), nn.initializers.zeros),
-                name="conv")(x)
-    return layers.rms_normalize(x.astype(jnp.float32), 1e-6)
+    heads = self.num_heads or max(1, h.shape[-1] // 64)
+    z, _ = pae_lib.Compressor(heads, self.latent_dim, attention_impl=self.attention_impl,
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="compressor")(h.astype(self.dtype))
+    return z.astype(jnp.float32)
 
 
 class DeProjector(nn.Module):

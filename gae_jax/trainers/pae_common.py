@@ -10,7 +10,7 @@ targets on the fly from the same frozen VFM tokens:
 The VFM is DINOv2 (models/dinov2.py) from a user's weights file, or -- when no file is
 given (tests, `:runlocal`) -- a seeded random-weight stand-in of the configured sizes,
 which both stages rebuild identically from refine.json's seed. Either way its final
-LayerNorm's affine is removed unless config.vfm.final_norm_affine (PAE_SPEC §2.2).
+LayerNorm has no affine unless config.vfm.final_norm_affine (PAE_SPEC §2.2).
 """
 
 import dataclasses
@@ -27,6 +27,7 @@ import numpy as np
 from gae_jax import losses
 from gae_jax import paths
 from gae_jax.models import dinov2 as dinov2_lib
+from gae_jax.models import pae as pae_lib
 from gae_jax.models import pae_refine as refine_lib
 
 REFINE_JSON = "refine.json"
@@ -70,15 +71,17 @@ def resolve_vfm(vfm_config, dtype=jnp.float32, *, abstract: bool = False) -> VFM
     info = _load_dinov2(weights)[1]
   else:
     info = refine_lib.vfm_info(v)
+  info = {k: a for k, a in info.items() if k != "final_norm_affine"}
   size = int(v.image_size)
   patch = int(info.get("patch_size", 14))
   if size % patch:
     raise ValueError(f"config.vfm.image_size={size} is not a multiple of the VFM patch {patch}")
-  module = refine_lib.vfm_module(info, dtype, v.get("attention_impl"))
+  affine = bool(v.get("final_norm_affine", False))
+  module = refine_lib.vfm_module(info, dtype, v.get("attention_impl"), affine)
   module.config  # validates the sizes (ValueError naming the field)
   return VFMSpec(module=module, info=_jsonable(info), image_size=size,
                  weights=weights or None, seed=int(v.get("seed", 0)),
-                 final_norm_affine=bool(v.get("final_norm_affine", False)))
+                 final_norm_affine=affine)
 
 
 @functools.lru_cache(maxsize=2)
@@ -94,19 +97,23 @@ def _jsonable(d: dict) -> dict:
 
 def load_vfm_variables(spec: VFMSpec) -> dict:
   """{'params': ...} of the frozen VFM as float32 numpy: the weights file, or the seeded
-  random init (the same on every call and in every stage)."""
+  random init (the same on every call, in both stages and in tokenizers/pae.py). Without
+  the final-norm affine (spec.final_norm_affine False) no `norm` parameters are kept."""
   if spec.weights:
     params, info = _load_dinov2(spec.weights)
+    info = {k: a for k, a in info.items() if k != "final_norm_affine"}
     if _jsonable(info) != spec.info:
       raise ValueError(f"{spec.weights}: DINOv2 sizes {info} differ from {spec.info}")
+    if spec.final_norm_affine and "norm" not in params:
+      raise ValueError(f"{spec.weights} has no final LayerNorm weight/bias: set "
+                       "config.vfm.final_norm_affine=False")
   else:
     x = jnp.zeros((1, spec.image_size, spec.image_size, 3), jnp.float32)
     module = spec.module.clone(dtype=jnp.float32)
     params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(spec.seed), x))["params"]
-  params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
   if not spec.final_norm_affine:
-    params = refine_lib.strip_final_norm_affine(params)
-  return {"params": params}
+    params = {k: a for k, a in params.items() if k != "norm"}
+  return {"params": jax.tree.map(lambda a: np.asarray(a, np.float32), params)}
 
 
 def vfm_param_count(spec: VFMSpec) -> int:
@@ -118,9 +125,14 @@ def vfm_param_count(spec: VFMSpec) -> int:
 def vfm_tokens(spec: VFMSpec, variables: dict, images_m11: jax.Array
                ) -> tuple[jax.Array, jax.Array]:
   """([-1, 1] NHWC images) -> (x_vfm (B, S, S, 3) VFM-normalised input, H_vfm (B, N, D)
-  float32 behind stop_gradient)."""
-  x_vfm = refine_lib.vfm_inputs(images_m11, spec.image_size)
-  return x_vfm, refine_lib.vfm_patch_tokens(spec.module, variables, x_vfm)
+  float32 behind stop_gradient), through models/pae.py `vfm_inputs` / `vfm_tokens`."""
+  x_vfm = pae_lib.vfm_inputs((images_m11.astype(jnp.float32) + 1.0) * 0.5, spec.image_size)
+  return x_vfm, pae_lib.vfm_tokens(spec.module, variables["params"], x_vfm)
+
+
+def to_m11(out: jax.Array) -> jax.Array:
+  """PAE decoder output (VFM-normalised) -> [-1, 1] (unclipped)."""
+  return pae_lib.denormalize(out) * 2.0 - 1.0
 
 
 def structural_target(h_vfm: jax.Array, sigma: float, strength: float) -> jax.Array:

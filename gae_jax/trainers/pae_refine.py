@@ -43,16 +43,22 @@ def model_fields(config, vfm: pae_common.VFMSpec) -> dict:
   """What stage 1 needs to rebuild the refiner and its targets (refine.json `model`)."""
   r = config.refine
   return dict(latent_dim=r.latent_dim, vfm_dim=vfm.width, grid=vfm.grid,
-              proj_num_heads=r.proj_num_heads, width=r.width, depth=r.depth,
+              proj_num_heads=proj_heads(config, vfm), width=r.width, depth=r.depth,
               num_heads=r.num_heads, mlp_hidden=r.mlp_hidden,
               lowpass_sigma=r.lowpass_sigma, lowpass_strength=r.lowpass_strength,
               gram_normalize=r.gram_normalize, vfm=vfm.fields)
 
 
+def proj_heads(config, vfm: pae_common.VFMSpec) -> int:
+  """P_t's heads: config.refine.proj_num_heads, by default the VFM's (= the PAE
+  compressor's, so stage 1 can start from P_t)."""
+  return int(config.refine.proj_num_heads or vfm.module.config["num_heads"])
+
+
 def build_model(config, vfm: pae_common.VFMSpec) -> refine_lib.Refiner:
   r = config.refine
   return refine_lib.Refiner(
-      latent_dim=r.latent_dim, vfm_dim=vfm.width, proj_num_heads=r.proj_num_heads,
+      latent_dim=r.latent_dim, vfm_dim=vfm.width, proj_num_heads=proj_heads(config, vfm),
       width=r.width, depth=r.depth, num_heads=r.num_heads, mlp_hidden=r.mlp_hidden,
       attention_impl=config.vfm.get("attention_impl"), dtype=common.compute_dtype(config),
       param_dtype=jnp.dtype(config.param_dtype))
