@@ -116,7 +116,8 @@ def test_spectral_clustering_recovers_blocks():
   np.fill_diagonal(a, 0.0)
   assert mf.nmi(y, mf.spectral_clustering(a, 3)) == pytest.approx(1.0)
   aff = mf.token_affinity(rng.normal(size=(5, 4)), sigma=0.5)
-  assert np.all(np.diag(aff) == 0) and np.allclose(aff, aff.T) and np.all(aff[~np.eye(5, dtype=bool)] > 0)
+  assert np.all(np.diag(aff) == 0) and np.allclose(aff, aff.T)
+  assert np.all(aff[~np.eye(5, dtype=bool)] > 0)
   with pytest.raises(ValueError, match="num_clusters"):
     mf.spectral_clustering(a, 0)
 
@@ -262,7 +263,8 @@ def test_eval_stage_manifold_kind(tmp_path):
   evaluate.train_and_evaluate(c, str(tmp_path), gae=gae)
   m = json.loads((tmp_path / "metrics.json").read_text())["manifold"]
   assert m["num_images"] == 24 and m["ssc_num_images"] + m["ssc_skipped"] == 4
-  assert 0.0 <= m["ssc"] <= 1.0 and m["ssc_segmentation"].startswith("superpixels: scikit-image slic")
+  assert 0.0 <= m["ssc"] <= 1.0
+  assert m["ssc_segmentation"].startswith("superpixels: scikit-image slic")
   assert m["lpc_num_images"] == 4 and m["lpc"] > 0.0 and list(m["lpc_per_scale"]) == ["0.1", "1.0"]
   assert m["lpc_per_scale"]["0.1"] < m["lpc_per_scale"]["1.0"]
   assert 0.0 <= m["gsq"] <= 1.0 and 1.0 <= m["erank"] <= 4.0

@@ -387,7 +387,8 @@ def tokenizer_fns(handle):
   Takes the one tokenizer interface (`.encode_fn`, `.decode_fn`, `.params`, `.image_size`,
   `.latent_shape`; GAE, PAE or KL alike) and falls back to a GAE handle's model.
   """
-  from gae_jax.evaluation import reconstruction_eval as rec_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from gae_jax.evaluation import reconstruction_eval as rec_lib
   if hasattr(handle, "encode_fn") and hasattr(handle, "decode_fn"):
     return rec_lib.GAEFns(handle.encode_fn, handle.decode_fn, handle.params,
                           int(handle.image_size), tuple(int(v) for v in handle.latent_shape))
