@@ -13,6 +13,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from gae_jax import configs_lib
@@ -230,3 +231,37 @@ def test_sweep_switches_and_overrides():
   from gae_jax.trainers import common
   assert common.compute_dtype(c2) == jnp.bfloat16 and common.frozen_dtype(c2) == jnp.bfloat16
   assert common.frozen_dtype(c) == common.compute_dtype(c)
+
+
+def test_timm_shim_layers_and_cleanup():
+  """torch_compare's timm stand-ins: PatchEmbed is patchify @ W + b with timm's names and
+  attributes, Mlp is fc2(gelu(fc1)); the shim is gone from sys.modules after the block, and
+  is used only when timm itself does not import."""
+  torch = pytest.importorskip("torch")
+  from gae_jax.benchmark import timm_shim
+  real, _ = timm_shim.timm_importable()
+  with timm_shim.release_timm(log=lambda m: None) as used:
+    from timm.models.vision_transformer import Mlp, PatchEmbed  # pylint: disable=g-import-not-at-top
+  assert used.startswith("timm ") if real else used.startswith("shim")
+  if not real:
+    assert not any(m == "timm" or m.startswith("timm.") for m in sys.modules)
+  torch.manual_seed(0)
+  pe = PatchEmbed(4, 2, 3, 5, bias=True)
+  assert pe.num_patches == 4 and pe.patch_size[0] == 2
+  assert sorted(k for k, _ in pe.named_parameters()) == ["proj.bias", "proj.weight"]
+  x = torch.randn(2, 3, 4, 4)
+  with torch.no_grad():
+    got = pe(x).numpy()
+  xn, w, b = x.numpy(), pe.proj.weight.detach().numpy(), pe.proj.bias.detach().numpy()
+  # (B, C, 2, 2, 2, 2) -> tokens in row-major patch order, each (C, p, p) flattened
+  patches = xn.reshape(2, 3, 2, 2, 2, 2).transpose(0, 2, 4, 1, 3, 5).reshape(2, 4, 12)
+  np.testing.assert_allclose(got, patches @ w.reshape(5, 12).T + b, atol=1e-5)
+  mlp = Mlp(in_features=5, hidden_features=7, act_layer=lambda: torch.nn.GELU("tanh"))
+  assert sorted(k for k, _ in mlp.named_parameters()) == [
+      "fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+  t = torch.randn(3, 5)
+  with torch.no_grad():
+    ref = torch.nn.functional.linear(torch.nn.functional.gelu(
+        torch.nn.functional.linear(t, mlp.fc1.weight, mlp.fc1.bias), approximate="tanh"),
+        mlp.fc2.weight, mlp.fc2.bias)
+    np.testing.assert_allclose(mlp(t).numpy(), ref.numpy(), atol=1e-6)
