@@ -132,6 +132,39 @@ def test_family_detection_and_errors(layouts, tmp_path):
                    image_size=8, latent_shape=(1, 1, 1))
 
 
+def test_a_released_pae_opens_through_the_same_opener(tmp_path):
+  """The other family: a released-layout PAE `.pt` (random tiny weights, VFM inside) and
+  its converted directory open through `open_tokenizer` to load_pae's latents, and the
+  stage-side pure functions (`encode_fn` in the latent cache's encode_pair) agree."""
+  pytest.importorskip("transformers")
+  import torch_reference_pae as ref  # tests/ helper
+  from gae_jax.convert import __main__ as convert_main
+  from gae_jax.convert import pae as convert_pae
+  from gae_jax.trainers import cache_latents
+  _, vfm_sd = ref.random_vfm(width=64, depth=1, heads=1, patch=14, pos_image_size=56, seed=0)
+  sd = ref.random_pae_state_dict(np.random.default_rng(0), width=64, heads=1, patch=14,
+                                 grid=4, latent_dim=8, dam_depth=1, decoder_width=64,
+                                 decoder_depth=1, decoder_patch=8)
+  sd.update({convert_pae.VFM_PREFIX + k: v for k, v in vfm_sd.items()})
+  src = tmp_path / "pae.pt"
+  torch.save({"model": {"module." + k: torch.from_numpy(np.ascontiguousarray(v))
+                        for k, v in sd.items()}}, src)
+  dst = str(tmp_path / "converted")
+  assert convert_main.main(["pae", "--src", str(src), "--dst", dst]) == 0
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1.0, maxval=1.0)
+  want = np.asarray(pretrained.load_pae(str(src)).encode(x))
+  for path in (str(src), dst):
+    assert pretrained.tokenizer_family(path) == "pae"
+    tok = pretrained.open_tokenizer(path)
+    assert tok.family == "pae" and tok.latent_shape == (4, 4, 8) and tok.image_size == 32
+    np.testing.assert_array_equal(np.asarray(tok.encode(x)), want)
+    z, z_flip = jax.jit(lambda p, x: cache_latents.encode_pair(
+        p, x, encode_fn=tok.encode_fn, dtype=jnp.float32))(tok.params, x)
+    np.testing.assert_allclose(np.asarray(z), want, atol=1e-5)
+    assert not np.allclose(np.asarray(z_flip), want, atol=1e-3)
+  np.testing.assert_allclose(np.linalg.norm(want, axis=-1), np.sqrt(8), rtol=1e-4)
+
+
 def _imports(path: pathlib.Path) -> set[str]:
   """Every module a source file imports (absolute names), at any depth of the file."""
   out = set()

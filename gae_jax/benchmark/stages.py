@@ -244,7 +244,7 @@ def synthetic_teacher(config, mesh, vfm: str = "auto"):
   vfm 'auto': DINOv2-L at 14·grid px for a 16x16 grid (the paper's teacher), else the
   VGG16 relu5_3 VFM at 16·grid px (the runlocal teacher). Returns FrozenSemantic.
   """
-  from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from gae_jax import loading  # pylint: disable=g-import-not-at-top
   from gae_jax.convert import teacher as convert_teacher  # pylint: disable=g-import-not-at-top
   from gae_jax.trainers import autoencoder as ae  # pylint: disable=g-import-not-at-top
   from gae_jax.trainers import teacher as teacher_tr  # pylint: disable=g-import-not-at-top
@@ -257,7 +257,7 @@ def synthetic_teacher(config, mesh, vfm: str = "auto"):
   backend0, info = teacher_tr.build_backend(tc, abstract=True)
   fields = teacher_tr.model_fields(tc, backend0, info)
   dtype = common.frozen_dtype(config)
-  backend = pretrained.teacher_backend(fields, dtype)
+  backend = loading.teacher_backend(fields, dtype)
   spec = ae.SemanticSpec("latent", backend, convert_teacher.build_teacher(fields, dtype),
                          fields)
   rep = sharding_lib.replicated(mesh)

@@ -74,13 +74,14 @@ def _default_dst(kind: str, src: Optional[str]) -> str:
 
 def run(args: argparse.Namespace) -> str:
   """Converts and saves; returns the output directory."""
-  from gae_jax import pretrained
+  from gae_jax import loading  # pylint: disable=g-import-not-at-top
+  from gae_jax.tokenizers import gae as gae_tokenizer  # pylint: disable=g-import-not-at-top
   dst = args.dst or _default_dst(args.kind, args.src)
   src = os.path.abspath(os.path.expanduser(args.src)) if args.src else None
   if src is not None and not os.path.isfile(src):
     raise FileNotFoundError(f"--src {src} does not exist or is not a file")
   if args.kind == "gae":
-    params, config = pretrained.load_gae_params(
+    params, config = gae_tokenizer.load_gae_params(
         src, num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads,
         weights_only=not args.trust_pickle)
     fields = config.to_dict()
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> str:
   else:
     from gae_jax.convert import inception as inception_convert
     params, fields = inception_convert.load_inception_params(src, cache=False), {}
-  return pretrained.save_converted(dst, params, fields, kind=args.kind, source=src or "")
+  return loading.save_converted(dst, params, fields, kind=args.kind, source=src or "")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -92,7 +92,7 @@ SP_ALIGNS = ("latent", "pre", "post")
 class SemanticSpec:
   """Static side of L_sp: the alignment, the frozen VFM backend and (latent) the teacher.
 
-  fields: the teacher's description (`pretrained.teacher_fields`), None without a teacher.
+  fields: the teacher's description (`loading.teacher_fields`), None without a teacher.
   """
   align: str
   backend: Any
@@ -110,19 +110,19 @@ class FrozenSemantic:
 
 @functools.lru_cache(maxsize=8)
 def _semantic_spec(align, init_from, vfm, vfm_weights, vfm_image_size, dtype_name):
-  from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from gae_jax import loading  # pylint: disable=g-import-not-at-top
   from gae_jax.convert import teacher as convert_teacher  # pylint: disable=g-import-not-at-top
   from gae_jax.models import vfm as vfm_lib  # pylint: disable=g-import-not-at-top
   dtype = jnp.dtype(dtype_name)
   if init_from:
-    fields = pretrained.teacher_fields(init_from)
+    fields = loading.teacher_fields(init_from)
     if vfm and vfm != fields["vfm"]:
       raise ValueError(f"config.teacher.vfm={vfm!r} but the teacher {init_from} was trained "
                        f"on {fields['vfm']!r}")
     if vfm_image_size and vfm_image_size != fields["vfm_image_size"]:
       raise ValueError(f"config.teacher.vfm_image_size={vfm_image_size} but the teacher "
                        f"{init_from} was trained at {fields['vfm_image_size']}")
-    backend = pretrained.teacher_backend(fields, dtype)
+    backend = loading.teacher_backend(fields, dtype)
     teacher = convert_teacher.build_teacher(fields, dtype) if align == "latent" else None
     return SemanticSpec(align, backend, teacher, fields)
   if vfm == "vgg16_relu5_3":
@@ -195,10 +195,10 @@ def semantic_loss(aux: dict, images: jax.Array, frozen: dict, config,
   """
   if "teacher" not in frozen:
     return jnp.zeros((), jnp.float32)
-  from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from gae_jax import loading  # pylint: disable=g-import-not-at-top
   sem = frozen["teacher"]
   spec = sem.spec
-  feats = spec.backend.features(sem.vfm, pretrained.resize_for_vfm(spec.backend, images))
+  feats = spec.backend.features(sem.vfm, loading.resize_for_vfm(spec.backend, images))
   if spec.align == "latent":
     target = spec.teacher.apply(sem.teacher, feats, method="latents")
     pred = aux["mu"]
@@ -393,13 +393,13 @@ def load_frozen(config, mesh) -> dict:
 
 
 def _load_semantic(config, spec: SemanticSpec) -> FrozenSemantic:
-  from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from gae_jax import loading  # pylint: disable=g-import-not-at-top
   from gae_jax.models import vfm as vfm_lib  # pylint: disable=g-import-not-at-top
   t = config.teacher
   f32 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
   teacher_vars = None
   if spec.fields is not None:
-    teacher_vars, vfm_vars = pretrained.load_teacher_variables(
+    teacher_vars, vfm_vars = loading.load_teacher_variables(
         t.init_from, spec.fields, vfm_weights=t.get("vfm_weights"))
     logging.info("L_sp (%s): frozen teacher %s (%s, d=%d) on %s", spec.align, t.init_from,
                  spec.fields["downsampler"], spec.fields["latent_dim"], spec.backend.name)
@@ -501,8 +501,8 @@ def init_from_pretrained(state, setup: "Setup", path: str):
   Every parameter must be present with the model's shape (a ValueError names the first
   that is not); the discriminator, logvar and optimizer start fresh.
   """
-  from gae_jax import pretrained
-  params, _ = pretrained.load_gae_params(path)
+  from gae_jax.tokenizers import gae as gae_tokenizer  # pylint: disable=g-import-not-at-top
+  params, _ = gae_tokenizer.load_gae_params(path)
   current = state.params["generator"]["gae"]
   want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(current)}
   got = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
