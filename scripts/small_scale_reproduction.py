@@ -84,9 +84,12 @@ def _compute_minutes(out: str) -> float:
 PIN_FILE = "configs.json"     # beside metrics.json: {"<file>:<arg>": {flat field: value}}
 # Set per run by this script (paths, seed, lambda_sp), parallelism, or the DiT trainer's
 # PNG sample grids (`sample_grid.*`, no number comes from them): never pinned.
-UNPINNED = ("seed", "loss.sp_weight", "teacher.init_from", "gae.init_from", "data.cache_dir",
-            "eval.generation.dit", "eval.generation.num_classes", "mesh", "sharding_rules")
+UNPINNED = ("seed", "loss.sp_weight", "teacher.init_from", "gae.init_from", "tokenizer.path",
+            "data.cache_dir", "eval.generation.dit", "eval.generation.num_classes", "mesh",
+            "sharding_rules")
 UNPINNED_PREFIXES = ("sample_grid.",)
+# Fields renamed since the snapshot (same meaning): snapshot name -> today's name.
+RENAMED = {"gae.use_ema": "tokenizer.use_ema"}
 
 
 def _unpinned(field: str) -> bool:
@@ -127,6 +130,7 @@ def _pins(config_file: str, arg: str, flags: dict) -> dict:
   if snap is None:
     raise SystemExit(f"{key} has no frozen config in {PINNING['path']}; add it with "
                      "--freeze_configs (only for a new experiment)")
+  snap = {RENAMED.get(k, k): v for k, v in snap.items()}
   cur = resolved_config(config_file, arg)
   out = {}
   for k, v in snap.items():
@@ -171,7 +175,7 @@ EVAL_GEN_CFG = "configs/eval_generation.py:runlocal"
 
 
 def _main_cmd(config: str, workdir: str, flags: dict, paths: str = "") -> list[str]:
-  """`config` is '<file>:<arg>' (the pinned key); `paths` extra args such as 'gae=/x'."""
+  """`config` is '<file>:<arg>' (the pinned key); `paths` extra args such as 'tokenizer=/x'."""
   flags = dict(flags)
   if PINNING["on"]:
     config_file, _, arg = config.partition(":")
@@ -217,7 +221,7 @@ def _finished(workdir: str) -> bool:
 def evaluate_latents(workdir: str) -> dict:
   ev = os.path.join(workdir, "eval_latents")
   if not _done(os.path.join(ev, "metrics.json")):
-    _run(_main_cmd(EVAL_LATENTS_CFG, ev, {}, f"gae={workdir}"), ev + ".log")
+    _run(_main_cmd(EVAL_LATENTS_CFG, ev, {}, f"tokenizer={workdir}"), ev + ".log")
   with open(os.path.join(ev, "metrics.json")) as f:
     return json.load(f)
 
@@ -229,7 +233,7 @@ def generation_gfid(workdir: str, train_only: bool = False) -> dict | None:
   """
   cache, dit, ev = (os.path.join(workdir, n) for n in ("latents", "dit", "eval_generation"))
   if not _done(os.path.join(cache, "stats.npz")):          # written last, once complete
-    _run(_main_cmd(CACHE_CFG, cache, {}, f"gae={workdir}"), cache + ".log")
+    _run(_main_cmd(CACHE_CFG, cache, {}, f"tokenizer={workdir}"), cache + ".log")
   if not _finished(dit):
     _run(_main_cmd(DIT_CFG, dit, {}, f"cache={cache}"), dit + ".log")
   if train_only:
