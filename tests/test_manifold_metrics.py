@@ -252,7 +252,7 @@ def test_eval_stage_manifold_kind(tmp_path):
                                     "eval_manifold.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config("runlocal,gae=random")
+  c = mod.get_config("runlocal,tokenizer=random")
   assert evaluate.kinds(c) == ["manifold"]
   c.eval.manifold.num_images = 24
   c.eval.manifold.ssc_images = 4
@@ -260,7 +260,7 @@ def test_eval_stage_manifold_kind(tmp_path):
   c.eval.manifold.lpc_rhos = [0.1, 1.0]
   assert evaluate.plan(c)["manifold"]["segmentation"] == "slic"
   gae = evaluate.random_gae(64, latent_dim=4, patch_size=8)    # 8 x 8 x 4 latents
-  evaluate.train_and_evaluate(c, str(tmp_path), gae=gae)
+  evaluate.train_and_evaluate(c, str(tmp_path), tokenizer=gae)
   m = json.loads((tmp_path / "metrics.json").read_text())["manifold"]
   assert m["num_images"] == 24 and m["ssc_num_images"] + m["ssc_skipped"] == 4
   assert 0.0 <= m["ssc"] <= 1.0
@@ -296,7 +296,7 @@ def test_eval_stage_manifold_kind_on_a_pae(tmp_path):
   c.eval.manifold.ssc_images = 4
   c.eval.manifold.lpc_images = 4
   c.eval.manifold.lpc_rhos = [0.1, 1.0]
-  m = evaluate.train_and_evaluate(c, str(tmp_path / "eval"), gae=handle)["manifold"]
+  m = evaluate.train_and_evaluate(c, str(tmp_path / "eval"), tokenizer=handle)["manifold"]
   h, w, d = handle.latent_shape
   assert m["num_images"] == 24 and 0.0 <= m["ssc"] <= 1.0 and 0.0 <= m["gsq"] <= 1.0
   assert 0.0 < m["lpc_per_scale"]["0.1"] < m["lpc_per_scale"]["1.0"]
