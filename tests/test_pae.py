@@ -15,6 +15,7 @@ Tolerance: max |z_jax - z_ref| and |x_jax - x_ref| <= 1e-4 (float32 JAX vs float
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,6 +31,7 @@ from gae_jax import pretrained  # noqa: E402
 from gae_jax.convert import __main__ as convert_main  # noqa: E402
 from gae_jax.convert import pae as convert_pae  # noqa: E402
 from gae_jax.models import pae as pae_lib  # noqa: E402
+from gae_jax.tokenizers import pae as pae_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -212,3 +214,35 @@ def test_param_counts_of_the_released_size():
   c = pae_lib.param_counts(config)
   assert c == {"vfm": 304_369_664, "dam": 103_496_704, "compressor": 4_490_272,
                "decompressor": 4_491_264, "decoder": 304_149_248, "trainable": 416_627_488}
+
+
+def test_a_pae_training_workdir_opens_like_the_trainer_reconstructs(tmp_path):
+  """A `stage: pae` workdir (trainer layout: params/generator, the run's seeded random VFM)
+  through load_pae and open_tokenizer gives the trainer's own `reconstruct`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from gae_jax import configs_lib  # pylint: disable=g-import-not-at-top
+  from gae_jax.trainers import pae as pae_trainer  # pylint: disable=g-import-not-at-top
+  from gae_jax.trainers import pae_common  # pylint: disable=g-import-not-at-top
+  config = configs_lib.pae_config("runlocal")
+  vfm = pae_common.resolve_vfm(config.vfm)
+  frozen = {"vfm": pae_common.load_vfm_variables(vfm)}
+  model = pae_trainer.build_model(config, vfm)
+  s, n = vfm.image_size, vfm.grid * vfm.grid
+  params = model.init(jax.random.key(3), jnp.zeros((1, s, s, 3)), jnp.zeros((1, n, vfm.width)))
+  params = jax.tree.map(np.asarray, nn.meta.unbox(params["params"]))
+  # a trained-looking decoder: the zero-initialised fusion and CLS would hide layout errors
+  params = jax.tree.map(lambda a: a + 0.02 * np.random.default_rng(a.size).standard_normal(
+      a.shape).astype(a.dtype), params)
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  with ocp.CheckpointManager(tmp_path / "checkpoints", item_names=("state",),
+                             options=ocp.CheckpointManagerOptions(create=True)) as mngr:
+    mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(
+        {"step": np.zeros((), np.int32), "params": {"generator": params}})))
+    mngr.wait_until_finished()
+  images = _images(n=2, seed=4)
+  want = pae_trainer.reconstruct(params, jnp.asarray(images), frozen, model=model, vfm=vfm)
+  handle = pretrained.open_tokenizer(os.fspath(tmp_path))   # dispatches to load_pae
+  assert isinstance(handle, pae_tokenizer.PAEHandle)
+  assert handle.image_size == config.data.image_size and handle.latent_shape == (8, 8, 32)
+  np.testing.assert_allclose(np.asarray(handle.reconstruct(images)), np.asarray(want),
+                             atol=1e-5)
