@@ -5,9 +5,9 @@ evaluation's multi-host paths (per-process shards -> global batches -> jitted fn
 process's rows -> gathers) and saves what it got; the test imports the same toy data and
 functions to compute the single-process answer.
 
-`python multihost_worker.py <process_id> <port> <out_dir> train` (4 CPU devices each)
-trains the tiny AE and DiT of `ae_config` / `dit_config` for TRAIN_STEPS steps into
-<out_dir>/{ae,dit}2 (checkpoints every step), then waits for <out_dir>/ref_done (the
+`python multihost_worker.py <process_id> <port> <out_dir> train <names>` (4 CPU devices
+each; names: comma-separated of 'ae', 'dit') trains the tiny AE and / or DiT of `ae_config`
+/ `dit_config` for TRAIN_STEPS steps into <out_dir>/{ae,dit}2 (checkpoints every step), then waits for <out_dir>/ref_done (the
 test's 1-process runs in <out_dir>/{ae,dit}1) and restores those 1-process checkpoints
 here, saving the gathered state and this process's next batch to <out_dir>/restore_p<i>.npz.
 """
@@ -161,15 +161,23 @@ def flat(tree) -> dict:
           for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def setups(out: str):
-  """{name: (trainer module, Setup)} of the AE and the DiT."""
+def setups(out: str, names=("ae", "dit")):
+  """{name: (trainer module, Setup)} of the AE ('ae') and / or the DiT ('dit')."""
   from gae_jax.trainers import autoencoder  # pylint: disable=g-import-not-at-top
   from gae_jax.trainers import flow  # pylint: disable=g-import-not-at-top
-  return {"ae": (autoencoder, autoencoder.Setup(ae_config())),
-          "dit": (flow, flow.Setup(dit_config(os.path.join(out, "cache"))))}
+  unknown = set(names) - {"ae", "dit"}
+  if unknown:
+    raise ValueError(f"multihost_worker: unknown trainer name(s) {sorted(unknown)}; "
+                     "expected 'ae' and / or 'dit'")
+  built = {}
+  if "ae" in names:
+    built["ae"] = (autoencoder, autoencoder.Setup(ae_config()))
+  if "dit" in names:
+    built["dit"] = (flow, flow.Setup(dit_config(os.path.join(out, "cache"))))
+  return built
 
 
-def train_main(pid: int, port: str, out: str):
+def train_main(pid: int, port: str, out: str, names=("ae", "dit")):
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -183,7 +191,7 @@ def train_main(pid: int, port: str, out: str):
   from gae_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
   assert jax.process_count() == 2 and jax.device_count() == 8
-  built = setups(out)
+  built = setups(out, names)
   for name, (trainer, s) in built.items():        # 2-process training, disjoint shards
     trainer.train_and_evaluate(s.config, os.path.join(out, f"{name}2"))
   deadline = time.time() + 600
@@ -207,6 +215,7 @@ def train_main(pid: int, port: str, out: str):
 
 if __name__ == "__main__":
   if len(sys.argv) > 4 and sys.argv[4] == "train":
-    train_main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    train_main(int(sys.argv[1]), sys.argv[2], sys.argv[3],
+               tuple(sys.argv[5].split(",")) if len(sys.argv) > 5 else ("ae", "dit"))
   else:
     main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
