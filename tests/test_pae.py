@@ -246,3 +246,18 @@ def test_a_pae_training_workdir_opens_like_the_trainer_reconstructs(tmp_path):
   assert handle.image_size == config.data.image_size and handle.latent_shape == (8, 8, 32)
   np.testing.assert_allclose(np.asarray(handle.reconstruct(images)), np.asarray(want),
                              atol=1e-5)
+
+
+def test_vfm_input_is_torch_bicubic_256_to_224_in_float32():
+  """The release's input path in float32 torch: F.interpolate(bicubic, align_corners=False,
+  no antialias) 256 -> 224, then ImageNet mean/std."""
+  x = np.random.default_rng(5).uniform(0, 1, (1, 256, 256, 3)).astype(np.float32)
+  t = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=(224, 224),
+                                      mode="bicubic", align_corners=False)
+  mean = torch.tensor(ref.MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(ref.STD).view(1, 3, 1, 1)
+  want = ((t - mean) / std).permute(0, 2, 3, 1).numpy()
+  got = np.asarray(pae_lib.vfm_inputs(jnp.asarray(x), 224))
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+  other = pae_lib.vfm_inputs(jax.image.resize(jnp.asarray(x), (1, 224, 224, 3), "cubic"), 224)
+  assert np.abs(np.asarray(other) - want).max() > 1e-2   # jax's cubic (a = -0.5, antialias)
