@@ -57,9 +57,9 @@ def kinds(config) -> list[str]:
 
 
 def random_gae(image_size: int, *, latent_dim: int = 8, patch_size: int = 8, seed: int = 0):
-  """An explicitly random-init "mu"-sized GAEHandle (smoke tests only)."""
-  from gae_jax import pretrained  # pylint: disable=g-import-not-at-top
+  """An explicitly random-init "mu"-sized GAE tokenizer handle (smoke tests only)."""
   from gae_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from gae_jax.tokenizers import gae as gae_tokenizer  # pylint: disable=g-import-not-at-top
   v = vit.decode_variant("mu")
   cfg = ml_collections.ConfigDict(dict(
       width=v["width"], depth=v["depth"], num_heads=v["num_heads"],
@@ -67,10 +67,10 @@ def random_gae(image_size: int, *, latent_dim: int = 8, patch_size: int = 8, see
       patch_size=patch_size, latent_dim=latent_dim, image_size=image_size, sigma_std=0.2,
       kl=False, qk_norm="rms", attention_impl=None, remat="none", scan=False,
       variant="mu", decoder_variant="mu"))
-  model = pretrained.build_gae(cfg)
+  model = gae_tokenizer.build_gae(cfg)
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   params = jax.jit(model.init)({"params": jax.random.key(seed)}, x)["params"]
-  return pretrained.GAEHandle(params, cfg, source="random init")
+  return gae_tokenizer.GAEHandle(params, cfg, source="random init")
 
 
 def load_tokenizer(config, image_size: int):
