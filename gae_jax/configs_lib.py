@@ -160,6 +160,14 @@ def validate_training(config: ml_collections.ConfigDict, prefix: str = "config")
                      f"{prefix}.teacher.init_from (a stage-1 teacher workdir or the authors' "
                      f"latest.pth), or {prefix}.loss.sp_weight=0 for the lambda_sp = 0 "
                      "ablation")
+  refine = config.get("refine")
+  if (config.get("stage") == "pae" and isinstance(loss, ml_collections.ConfigDict)
+      and (loss.get("ssr_weight", 0) or loss.get("scr_weight", 0))
+      and isinstance(refine, ml_collections.ConfigDict) and not refine.get("init_from")):
+    raise ValueError(f"{prefix}.loss.ssr_weight={loss.ssr_weight!r} / scr_weight="
+                     f"{loss.scr_weight!r} need PAE's stage-0 targets: set "
+                     f"{prefix}.refine.init_from (a pae_refine workdir, e.g. ':refine=W'), "
+                     "or set both weights to 0")
   if (config.get("stage") == "autoencoder" and isinstance(loss, ml_collections.ConfigDict)
       and loss.get("sp_weight", 0) == 0 and isinstance(teacher, ml_collections.ConfigDict)
       and teacher.get("init_from")):

@@ -284,13 +284,16 @@ class Setup:
   """Everything built before the loop; shared by train_and_evaluate, plan and tests."""
 
   def __init__(self, config, mesh=None, *, abstract_vfm: bool = False):
+    """abstract_vfm (the --dry_run plan): size the VFM from config.vfm when its weights file
+    is absent, and do not require the stage-0 targets."""
     self.config = config
     self.mesh = mesh or sharding_lib.make_mesh(config.mesh)
     self.rules = sharding_lib.rules_from_config(config.sharding_rules)
     self.vfm = pae_common.resolve_vfm(config.vfm, common.frozen_dtype(config),
                                       abstract=abstract_vfm)
     self.refined = refined_spec(config, self.vfm)
-    check_loss_config(config, self.refined)
+    if not abstract_vfm:
+      check_loss_config(config, self.refined)
     self.model, self.disc, self.lpips = build_models(config, self.vfm)
     common.layout_state(self, functools.partial(_init_fn, config, self.model, self.disc,
                                                 self.vfm, jax.random.key(config.seed)))
