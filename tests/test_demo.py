@@ -27,6 +27,7 @@ def test_full_demo_uses_the_readme_runlocal_configs():
     assert demo.fingerprint(c[key]) == demo.fingerprint(want), key
   ev = configs_lib.eval_config("runlocal", kind=demo.EVAL_KINDS)
   ev.eval.generation.num_samples = -1
+  ev.eval.num_images, ev.eval.generation.reference_num_images = 32, 88   # the demo's counts
   assert demo.fingerprint(c.eval) == demo.fingerprint(ev)
 
 
