@@ -1,6 +1,7 @@
 """The autoencoder step's discriminator switches (issue 11): the program without the
-PatchGAN that runs before loss.disc_start gives the full program's new state bit for bit;
-the PatchGAN's compute dtype (config.disc_dtype)."""
+PatchGAN that runs before loss.disc_start gives the full program's new state to float32
+round-off, and from disc_start on the loop runs the full program; the PatchGAN's compute
+dtype (config.disc_dtype)."""
 
 import jax
 import jax.numpy as jnp
