@@ -272,6 +272,9 @@ def write_figures(results: dict, fig_dir: str) -> dict:
            color=["tab:gray" if n == "gae" else "tab:blue" for n in xs])
     ax.set_xticks(range(len(xs)), xs, rotation=45)
     label, sign, _ = METRICS[key]
+    if not xs:
+      ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+      ax.set_yticks([])
     ax.set_title(f"{label} ({'higher' if sign > 0 else 'lower'} better)", fontsize=9)
   fig.suptitle("PAE Tab. 2(a) rows and the GAE on the same budget (embedded photos)")
   figs["bars"] = ssr._save(fig, fig_dir, "metrics_by_variant.png")
@@ -334,7 +337,9 @@ def write_doc(results: dict, floor: dict | None, figs: dict, doc: str, fig_rel: 
       f"{gae['total_steps']} steps at batch {gae['batch_size']}, GAN from "
       f"{gae['loss.disc_start']}). Its latent is {gae['data.image_size'] // gae['model.patch_size']}"
       f"x{gae['data.image_size'] // gae['model.patch_size']}x{gae['model.latent_dim']}, "
-      "the PAE's 8x8x32: same latent size.",
+      f"the PAE's {pae['vfm.image_size'] // pae['vfm.patch_size']}x"
+      f"{pae['vfm.image_size'] // pae['vfm.patch_size']}x{pae['model.latent_dim']} (the VFM "
+      "grid).",
       "- Metrics (docs/metrics.md has every formula): `configs/eval_manifold.py:runlocal` - "
       "SSC on SLIC superpixels (no segmentation labels offline; 32 val crops, 8 segments), "
       "LPC on 16 val crops (rho 0.1, 0.5, 1, 2), GSQ (1-NN photo purity of centred pooled "
@@ -353,8 +358,8 @@ def write_doc(results: dict, floor: dict | None, figs: dict, doc: str, fig_rel: 
       f"{pae['vfm.seed']}, patch {pae['vfm.patch_size']} at the {pae['vfm.image_size']} px "
       f"VFM input, width {pae['vfm.width']}, depth {pae['vfm.depth']}, "
       f"{pae['vfm.num_registers']} registers). Consequences: (1) the DAM's cross-attention reads random features: "
-      "they carry the image's local colour / texture statistics (a random conv-like patch "
-      "embedding and two random attention layers) but no learned semantics; (2) stage 0 "
+      "they carry the image's local colour / texture statistics (a random patch embedding "
+      "and random attention layers) but no learned semantics; (2) stage 0 "
       "refines those random tokens, so the SSR target Z_T (its token Gram) is a smoothed "
       "random-feature structure and the SCR target is a random projection of them - "
       "SSR/SCR therefore pull the latent towards the geometry of random features, not "
@@ -467,6 +472,11 @@ def write_doc(results: dict, floor: dict | None, figs: dict, doc: str, fig_rel: 
               + ". The paper (PAE_SPEC §7) reports PAE's gFID below GAE's at ImageNet scale; "
               "here the GAE has a pretrained (VGG16) teacher while the PAE's VFM is random, "
               "so this comparison is not the paper's."]
+  mins = prov.get("variant_minutes", {})
+  lines += ["", "## Timings", "",
+            "Wall minutes per command, summed per row (training + evaluations + gFID "
+            "pipeline where run; up to two commands at once on the shared machine): "
+            + ", ".join(f"`{n}` {m:.1f}" for n, m in mins.items()) + "."]
   lines += [
       "",
       "## Not run / caveats",
@@ -555,11 +565,18 @@ def main():
   if a.no_doc:
     print(f"ran {todo} in {(time.time() - t0) / 60:.1f} min (--no_doc: no document)")
     return
-  floor = generation_floor(a.out, a.smoke)["generation"] if gfid else None
+  floor = None       # measured with the first gFID run; read back when it exists
+  if set(todo) & set(gfid) or os.path.exists(os.path.join(a.out, "gen_floor", "metrics.json")):
+    floor = generation_floor(a.out, a.smoke)["generation"]
   results = {n: collect(a.out, n, seeds) for n in VARIANTS}
   gfid_done = [n for n in VARIANTS if results[n] and all("gfid" in r for r in results[n])]
   minutes = ssr._compute_minutes(a.out)        # every command under --out, once
-  prov = dict(commit=ssr._git_head(), date=datetime.date.today().isoformat(),
+  variant_minutes = {n: round(ssr._variant_minutes(a.out, n, seeds), 1) for n in VARIANTS
+                     if results[n]}
+  for stage in ("refine", "teacher"):
+    if os.path.isdir(os.path.join(a.out, stage)):
+      variant_minutes[stage] = round(ssr._log_minutes(a.out, f"{stage}.log"), 1)
+  prov = dict(variant_minutes=variant_minutes, commit=ssr._git_head(), date=datetime.date.today().isoformat(),
               jax=ssr._jax_version(), minutes=round(minutes, 1), pinned=ssr.PINNING["on"],
               pinned_overrides=ssr.PINNING["overrides"],
               unpinned_new_fields=ssr.PINNING["new_fields"], smoke=a.smoke)
