@@ -23,6 +23,7 @@ def _tiny_vfm(c):
   c.batch_size = 8               # one image per fake device
   c.num_eval_images = 8
   c.optim.warmup_steps = 0
+  c.donate = False               # one train-step program for the run and the direct steps
 
 
 def refine_config():
@@ -58,6 +59,12 @@ def test_refine_stage_writes_its_targets(runs):
   for k in ("loss", "rep", "gram", "val/loss"):
     assert np.isfinite(m[k]), k
   assert abs(m["val/latent_rms"] - 1.0) < 1e-4          # Z_T on the sphere of radius sqrt(d)
+  # the fixed validation batch after steps 1, 2, 3: both parts of L_refine go down
+  lines = [json.loads(l) for l in open(os.path.join(runs["w0"], "metrics.jsonl"))]
+  val = [l for l in lines if "val/loss" in l]
+  assert [l["step"] for l in val] == [1, 2, 3]
+  for k in ("val/rep", "val/gram"):
+    assert val[-1][k] < val[0][k], (k, [l[k] for l in val])
   fields, variables = pae_common.read_refiner(runs["w0"])
   assert fields["latent_dim"] == 32 and fields["grid"] == 4 and fields["vfm_dim"] == 64
   assert fields["vfm"]["weights"] is None and fields["vfm"]["seed"] == 0
@@ -97,6 +104,15 @@ def test_pae_run_logs_every_term_and_resumes_to_the_same_state(runs):
                jax.device_get(want.params))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state),
                jax.device_get(want.opt_state))
+  # The workdir opens as a tokenizer (config.json + checkpoint + the seeded VFM) and
+  # reconstructs exactly as the trainer does.
+  from gae_jax import pretrained
+  tok = pretrained.open_tokenizer(w)
+  assert tok.family == "pae" and tuple(tok.latent_shape) == (4, 4, 32)
+  x = jax.device_get(s.eval_batch()["image"])
+  rec = jax.jit(lambda p, x, f: pae.reconstruct(p, x, f, model=s.model, vfm=s.vfm))
+  ours = rec(jax.device_get(want.params["generator"]), x, jax.device_get(frozen))
+  np.testing.assert_allclose(np.asarray(tok.reconstruct(x)), np.asarray(ours), atol=1e-4)
 
 
 def test_gradients_reach_the_tokenizer_only(runs):
