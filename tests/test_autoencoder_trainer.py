@@ -14,6 +14,11 @@ from gae_jax import configs_lib
 from gae_jax import sharding as sharding_lib
 from gae_jax.trainers import autoencoder
 
+# One xdist worker for this file and tests/test_gcs.py: they compile the same tiny_config
+# programs, so the later tests (resume, CLI, gs://) load them from the test compile cache
+# instead of compiling them concurrently on the other worker.
+pytestmark = pytest.mark.xdist_group("tiny_ae")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,6 +27,7 @@ def tiny_config(**overrides):
   c.data.image_size = 32
   c.batch_size = 8
   c.loss.disc_start = 0          # exercise the discriminator update too
+  c.loss.disc_ndf = 8            # a thin PatchGAN (8-16-32 channels): same code, ~1/50 the state
   c.total_steps = 2
   c.log_every = c.image_every = c.ckpt_every = 1
   c.num_eval_images = 8
@@ -183,7 +189,8 @@ def test_bad_config_arg_is_named():
 # with test_train_resume_and_identical_next_batch through the test compilation cache); one
 # eval and one checkpoint, at the end, to keep it short.
 TINY_CLI = ["--config=configs/gae_l32.py:runlocal,latent_dim=8", "--config.data.image_size=32",
-            "--config.loss.disc_start=0", "--config.total_steps=2", "--config.log_every=1",
+            "--config.loss.disc_start=0", "--config.loss.disc_ndf=8",
+            "--config.total_steps=2", "--config.log_every=1",
             "--config.image_every=2", "--config.ckpt_every=2", "--config.num_eval_images=8",
             "--config.loss.sp_weight=0"]   # no teacher: the lambda_sp = 0 run, explicitly
 LIBRARY_CHATTER = ("orbax", "Closing", "could not be restored", "Unable to initialize backend",
