@@ -1,5 +1,10 @@
 """Test session setup: 8 fake CPU devices for the mesh/sharding tests, a compilation cache.
 
+`-n N` runs use xdist's loadgroup mode: a file marked `xdist_group` runs on one worker, so
+its module fixtures (a training run, a compile) are built once; SHARED_FIXTURE_FILES gives
+that to files whose expensive module fixture serves several tests but which carry no
+group of their own.
+
 XLA executables are cached on disk (jax's persistent compilation cache, also inherited by
 the `python -m gae_jax.main` subprocesses): tests that compile the same tiny trainer step
 again (resume, a second run, the CLI) load it instead of recompiling. Directory:
@@ -40,3 +45,22 @@ def pytest_cmdline_main(config):
   if (config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None)
       and config.option.dist == "no"):
     config.option.dist = "loadgroup"
+
+
+# file name -> xdist group: files with one expensive module fixture read by several tests
+# (without a group, `-n 2` may split their tests over both workers and build it twice).
+SHARED_FIXTURE_FILES = {
+    "test_benchmark.py": "benchmark_smoke",    # smoke_records: every stage compiled in a child
+    "test_pae_trainer.py": "pae_trainer",      # runs: PAE stage 0 then stage 1 trained
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Marks the tests of SHARED_FIXTURE_FILES with their xdist group (before xdist's own
+  hook turns the marks into node-id suffixes)."""
+  del config
+  for item in items:
+    group = SHARED_FIXTURE_FILES.get(item.path.name)
+    if group and not any(True for _ in item.iter_markers("xdist_group")):
+      item.add_marker(pytest.mark.xdist_group(group))
