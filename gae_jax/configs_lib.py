@@ -282,7 +282,13 @@ def autoencoder_config(arg: str | None, *, latent_dim: int) -> ml_collections.Co
       init_from=ml_collections.FieldReference(None, field_type=str),
       vfm=ml_collections.FieldReference(None, field_type=str),
       vfm_weights=ml_collections.FieldReference(None, field_type=str),
-      vfm_image_size=0))
+      vfm_image_size=0,
+      # True: the VFM (+ teacher) targets t(x), t(flip x) of the train split are written
+      # once to cache_dir (None: <workdir>/sp_targets; data/sp_targets.py) and the step
+      # reads them instead of running the VFM. Needs a fixed crop (data.crop='adm_center',
+      # not the embedded source).
+      cache_outputs=False,
+      cache_dir=ml_collections.FieldReference(None, field_type=str)))
   if a.teacher:
     c.teacher.init_from = a.teacher
   # Paper Tab. 13: AdamW, 2e-4 -> 2e-5 cosine, warm-up 8000, betas (0.9, 0.98),

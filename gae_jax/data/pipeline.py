@@ -118,7 +118,9 @@ def num_examples(data_config, split: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """record -> {"image": float32 (S, S, 3) in [-1, 1], "label": int32}.
+  """record -> {"image": float32 (S, S, 3) in [-1, 1], "label": int32}, plus "index"
+  (int64) and "sp_target" (float32 (h, w, c), t(x) or t(flip x) by the image's flip draw)
+  when the record carries them (`data/sp_targets.JoinedSource`).
 
   Called as (record) for deterministic preprocessing or (record, rng) under random_map.
   """
@@ -136,9 +138,15 @@ class Preprocess:
     if arr.shape != (self.image_size, self.image_size, 3):
       raise ValueError(f"image {name}: crop gave shape {arr.shape}, expected "
                        f"{(self.image_size, self.image_size, 3)}")
-    if self.flip:
-      arr = transforms.random_flip(arr, rng)
-    return {"image": transforms.to_float(arr), "label": np.int32(record["label"])}
+    flipped = self.flip and rng.random() < 0.5   # transforms.random_flip's one draw
+    if flipped:
+      arr = arr[:, ::-1]
+    out = {"image": transforms.to_float(arr), "label": np.int32(record["label"])}
+    if "index" in record:
+      out["index"] = np.int64(record["index"])
+    if "sp_target" in record:   # data/sp_targets.JoinedSource: the image's own flip's target
+      out["sp_target"] = record["sp_target_flip" if flipped else "sp_target"]
+    return out
 
 
 def derive_seed(*ints: int) -> int:
@@ -221,7 +229,8 @@ def seek(iterator, batch_index: int) -> None:
 
 def make_dataset(data_config, *, split: str, seed: int, shuffle: bool = True,
                  repeat: bool = True, process_index: int = 0, process_count: int = 1,
-                 augment: bool | None = None, per_process_batch: int = 1) -> grain.MapDataset:
+                 augment: bool | None = None, per_process_batch: int = 1,
+                 sp_targets: str | None = None) -> grain.MapDataset:
   """This process's per-example MapDataset (before batching); see the module docstring.
 
   repeat=True: this process's rows of the global stream (`ProcessRows`; per_process_batch
@@ -230,6 +239,8 @@ def make_dataset(data_config, *, split: str, seed: int, shuffle: bool = True,
   is truncated to a multiple of process_count (at most process_count - 1 examples
   dropped), then sliced [process_index::process_count].
   augment: train-style crop/flip; default: split starts with "train".
+  sp_targets: a cached L_sp target directory (`data/sp_targets.py`) joined by source index;
+  each example then carries "index" and "sp_target" (needs a fixed crop).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
@@ -244,6 +255,10 @@ def make_dataset(data_config, *, split: str, seed: int, shuffle: bool = True,
     raise ValueError(f"unknown data.crop {crop!r}; expected one of {transforms.CROPS}")
 
   source = make_source(data_config, split)
+  if sp_targets:
+    from gae_jax.data import sp_targets as sp_targets_lib  # pylint: disable=g-import-not-at-top
+    sp_targets_lib.check_cacheable(data_config)
+    source = sp_targets_lib.JoinedSource(source, sp_targets)
   what = f"split {split!r} of data.source={src!r}"
   ds = grain.MapDataset.source(source)
   if repeat:
@@ -271,7 +286,7 @@ def make_dataset(data_config, *, split: str, seed: int, shuffle: bool = True,
 def make_iterator(data_config, *, split: str, batch_size: int, seed: int,
                   shuffle: bool = True, repeat: bool = True, drop_remainder: bool = True,
                   process_index: int | None = None, process_count: int | None = None,
-                  augment: bool | None = None):
+                  augment: bool | None = None, sp_targets: str | None = None):
   """A checkpointable grain iterator (get_state()/set_state()) of this process's batches.
 
   Yields {"image": float32 (batch_size, S, S, 3) in [-1, 1], "label": int32 (batch_size,)};
@@ -285,7 +300,7 @@ def make_iterator(data_config, *, split: str, batch_size: int, seed: int,
     raise ValueError(f"batch_size={batch_size} must be positive")
   ds = make_dataset(data_config, split=split, seed=seed, shuffle=shuffle, repeat=repeat,
                     process_index=process_index, process_count=process_count,
-                    augment=augment, per_process_batch=batch_size)
+                    augment=augment, per_process_batch=batch_size, sp_targets=sp_targets)
   if not repeat and drop_remainder and len(ds) < batch_size:
     raise ValueError(f"split {split!r} has {len(ds)} examples on this process, fewer than "
                      f"batch_size={batch_size} with drop_remainder=True (no batch at all)")

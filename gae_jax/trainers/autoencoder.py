@@ -183,9 +183,23 @@ def sp_proj_shape(config, model):
   return (model.latent_dim, c)
 
 
+def sp_target(sem: FrozenSemantic, images: jax.Array) -> jax.Array:
+  """The L_sp target of images (B, S, S, 3) in [-1, 1]: E_sp(f_vfm(x)) (B, h, w, d) for
+  'latent', the RMS-normalised VFM grid f_vfm(x) (B, h, w, C) for 'pre' / 'post'."""
+  from gae_jax import loading  # pylint: disable=g-import-not-at-top
+  spec = sem.spec
+  feats = spec.backend.features(sem.vfm, loading.resize_for_vfm(spec.backend, images))
+  if spec.align == "latent":
+    return spec.teacher.apply(sem.teacher, feats, method="latents")
+  return feats
+
+
 def semantic_loss(aux: dict, images: jax.Array, frozen: dict, config,
-                  sp_proj=None) -> jax.Array:
+                  sp_proj=None, target: jax.Array | None = None) -> jax.Array:
   """L_sp on the same batch; 0 while no teacher / VFM is configured.
+
+  target: the batch's cached `sp_target(x)` (`config.teacher.cache_outputs`,
+  data/sp_targets.py); the VFM and teacher then do not run.
 
   latent (default, GAE): MSE(mu, E_sp(f_vfm(x))) with the frozen stage-1 teacher.
   pre:  MSE(P(h), f_vfm(x)), h = encoder features before the projector A_p.
@@ -193,25 +207,22 @@ def semantic_loss(aux: dict, images: jax.Array, frozen: dict, config,
   f_vfm is the RMS-normalised VFM grid, each VFM at its own preprocessing / input size.
   Teacher and VFM sit behind stop_gradient: only the pixel branch (and P) get gradients.
   """
-  if "teacher" not in frozen:
-    return jnp.zeros((), jnp.float32)
-  from gae_jax import loading  # pylint: disable=g-import-not-at-top
-  sem = frozen["teacher"]
-  spec = sem.spec
-  feats = spec.backend.features(sem.vfm, loading.resize_for_vfm(spec.backend, images))
-  if spec.align == "latent":
-    target = spec.teacher.apply(sem.teacher, feats, method="latents")
+  if target is None:
+    if "teacher" not in frozen:
+      return jnp.zeros((), jnp.float32)
+    target = sp_target(frozen["teacher"], images)
+  align = config.loss.get("sp_align", "latent")
+  if align == "latent":
     pred = aux["mu"]
   else:
-    target = feats
-    pred = aux["features"] if spec.align == "pre" else aux["mu"]
+    pred = aux["features"] if align == "pre" else aux["mu"]
     if pred.ndim == 3:  # encoder tokens (B, N, W) -> (B, h, w, W)
       pred = pred.reshape(*target.shape[:-1], pred.shape[-1])
     if sp_proj is not None:
       pred = pred.astype(jnp.float32) @ sp_proj["kernel"].astype(jnp.float32)
   target = jax.lax.stop_gradient(target.astype(jnp.float32))
   if pred.shape != target.shape:
-    raise ValueError(f"L_sp ({spec.align}): prediction {pred.shape} vs target {target.shape}")
+    raise ValueError(f"L_sp ({align}): prediction {pred.shape} vs target {target.shape}")
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
 
@@ -231,6 +242,7 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
     raise ValueError(f"disc_active={disc_active!r}; None (disc_start decides) or False")
   lc = config.loss
   x = batch["image"]
+  cached_target = batch.get("sp_target")   # config.teacher.cache_outputs
   rng = common.step_rng(state.rng, state.step)
   k_noise = jax.random.fold_in(rng, 0)
   run_disc = disc_active is None
@@ -242,7 +254,8 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
   zero = jnp.zeros((), jnp.float32)
 
   def forward(gparams):
-    if lc.get("sp_align", "latent") == "pre" and "teacher" in frozen:
+    if lc.get("sp_align", "latent") == "pre" and ("teacher" in frozen
+                                                   or cached_target is not None):
       # Pre alignment reads the encoder features before the projector A_p.
       (x_hat, aux), inter = model.apply(
           {"params": gparams["gae"]}, x, train=True, rngs={"noise": k_noise},
@@ -293,7 +306,7 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
                           reduction=lc.get("kl_reduction", "mean"))
       total = total + lc.kl_weight * kl
       terms["kl"] = kl
-    sp = semantic_loss(aux, x, frozen, config, gparams.get("sp_proj"))
+    sp = semantic_loss(aux, x, frozen, config, gparams.get("sp_proj"), cached_target)
     total = total + lc.sp_weight * sp
     terms.update(nll=nll, sp=sp, gan_weight=w_gan, loss=total,
                  latent_rms=jnp.sqrt(jnp.mean(jnp.square(aux["mu"]))),
@@ -383,13 +396,50 @@ def eval_step(params, batch, frozen, *, model, lpips):
 
 def load_frozen(config, mesh) -> dict:
   """Frozen networks, loaded once and replicated (non-donated step argument): LPIPS, and
-  with L_sp the VFM (+ the stage-1 teacher's downsampler for 'latent') as `frozen["teacher"]`.
+  with L_sp the VFM (+ the stage-1 teacher's downsampler for 'latent') as `frozen["teacher"]`
+  unless `config.teacher.cache_outputs` (the batches then carry the targets).
   """
   frozen = {"lpips": vgg.load_lpips_params()}
   spec = semantic_spec(config)
-  if spec is not None:
+  if spec is not None and not caches_sp_targets(config):
     frozen["teacher"] = _load_semantic(config, spec)
   return jax.device_put(common.frozen_storage(config, frozen), sharding_lib.replicated(mesh))
+
+
+def caches_sp_targets(config) -> bool:
+  """`config.teacher.cache_outputs` with an L_sp teacher / VFM configured; raises the
+  one-line error of `data/sp_targets.check_cacheable` for a crop that changes per step."""
+  t = config.get("teacher") or ml_collections.ConfigDict()
+  if not t.get("cache_outputs", False) or semantic_spec(config) is None:
+    return False
+  from gae_jax.data import sp_targets  # pylint: disable=g-import-not-at-top
+  sp_targets.check_cacheable(config.data)
+  return True
+
+
+def prepare_sp_targets(config, directory: str, *, batch_size: int = 16) -> dict:
+  """Builds (or reuses, when its fingerprint matches) the L_sp target cache of the train
+  split in `directory` with the configured VFM + teacher, on the host's default device.
+  Returns its manifest (data/sp_targets.py)."""
+  from gae_jax.data import sp_targets  # pylint: disable=g-import-not-at-top
+  sp_targets.check_cacheable(config.data)
+  spec = semantic_spec(config)
+  if spec is None:
+    raise ValueError("config.teacher.cache_outputs=True but no L_sp teacher / VFM is "
+                     "configured (config.teacher.init_from / vfm)")
+  source = pipeline.make_source(config.data, "train")
+  key = sp_targets.settings(config, source)
+  holder = {}
+
+  def target_fn(x):
+    if "fn" not in holder:   # load the VFM + teacher only when the cache is (re)written
+      sem = common.frozen_storage(config, {"t": _load_semantic(config, spec)})["t"]
+      holder["sem"] = jax.device_put(sem)
+      holder["fn"] = jax.jit(sp_target)
+    return holder["fn"](holder["sem"], jnp.asarray(x))
+
+  return sp_targets.ensure(directory, key, source, config.data.image_size, target_fn,
+                           batch_size=batch_size)
 
 
 def _load_semantic(config, spec: SemanticSpec) -> FrozenSemantic:
@@ -421,8 +471,17 @@ class Setup:
     self.mesh = mesh or sharding_lib.make_mesh(config.mesh)
     self.rules = sharding_lib.rules_from_config(config.sharding_rules)
     self.model, self.disc, self.lpips = build_models(config)
+    # config.teacher.cache_outputs: (cache dir, target (h, w, c)), set by use_sp_targets
+    self.sp_targets: tuple[str, tuple[int, ...]] | None = None
     common.layout_state(self, functools.partial(_init_fn, config, self.model, self.disc,
                                                 jax.random.key(config.seed)))
+
+  def use_sp_targets(self, directory: str) -> dict:
+    """Builds / reuses the L_sp target cache in `directory`; the train iterator and the
+    compiled step then carry `batch["sp_target"]` in place of the VFM forward."""
+    manifest = prepare_sp_targets(self.config, directory)
+    self.sp_targets = (directory, tuple(manifest["target_shape"]))
+    return manifest
 
   def init_state(self):
     with jax.set_mesh(self.mesh):
@@ -441,6 +500,10 @@ class Setup:
                                            jnp.float32, sharding=self.data_sharding),
              "label": jax.ShapeDtypeStruct((self.config.batch_size,), jnp.int32,
                                            sharding=self.data_sharding)}
+    if self.sp_targets is not None:
+      batch["sp_target"] = jax.ShapeDtypeStruct(
+          (self.config.batch_size, *self.sp_targets[1]), jnp.float32,
+          sharding=self.data_sharding)
     frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
     frozen_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                               frozen)
@@ -471,6 +534,8 @@ class Setup:
     program()   # compile the first before the loop starts
 
     def call(state, batch):
+      # the step's inputs only (a joined L_sp target stream also carries "index")
+      batch = {k: batch[k] for k in ("image", "label", "sp_target") if k in batch}
       out = program()(state, batch, frozen)
       host["step"] += 1
       return out
@@ -482,8 +547,9 @@ class Setup:
         self.mesh, self.rules)
 
   def train_iterator(self):
-    return pipeline.make_iterator(self.config.data, split="train",
-                                  batch_size=self.per_process_batch, seed=self.config.seed)
+    return pipeline.make_iterator(
+        self.config.data, split="train", batch_size=self.per_process_batch,
+        seed=self.config.seed, sp_targets=self.sp_targets[0] if self.sp_targets else None)
 
   def eval_batch(self):
     """A fixed validation batch (same images every time) as global arrays."""
@@ -576,6 +642,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("semantic preservation off: loss.sp_weight=0 (the lambda_sp = 0 run; "
                  "a stage-1 teacher turns it on, e.g. ':runlocal,teacher=W')")
   s = Setup(config)
+  if caches_sp_targets(config):
+    from gae_jax.data import sp_targets  # pylint: disable=g-import-not-at-top
+    s.use_sp_targets(sp_targets.cache_dir(config, workdir))
   frozen = load_frozen(config, s.mesh)
   ckpt = common.checkpointer(config, workdir)
   train_iter = s.train_iterator()
