@@ -217,7 +217,10 @@ def test_sweep_switches_and_overrides():
   from gae_jax.benchmark import __main__ as bench_main
   sw = bench_main.switches("autoencoder", "cpu")
   assert set(sw) == {"compute_dtype", "attention_impl", "remat", "scan", "donate",
-                     "frozen_dtype", "disc_dtype", "skip_disc"}   # no cudnn, no XLA flags on CPU
+                     "frozen_dtype", "disc_dtype", "skip_disc",
+                     "teacher_cache"}   # no cudnn, no XLA flags on CPU
+  assert sw["teacher_cache"] == [("on", {"teacher.cache_outputs": True}),
+                                 ("off", {"teacher.cache_outputs": False})]
   # skip_disc times the step before disc_start, with and without the PatchGAN's work.
   assert [(label, o[bench_main.PHASE], o["loss.skip_disc_before_start"])
           for label, o in sw["skip_disc"]] == [("on", "before", True), ("off", "before", False)]

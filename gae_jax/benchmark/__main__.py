@@ -18,7 +18,8 @@ device peak memory, the targets and the gap. A human summary goes to stderr.
 `--sweep=a,b` (or `all`) runs the stage with each switch on and off and prints a table:
 compute_dtype, attention_impl (cudnn: GPU only), remat (every policy), scan, donate,
 frozen_dtype, disc_dtype and skip_disc (autoencoder; skip_disc times a step before
-loss.disc_start with and without the PatchGAN's work), xla_flags (the recommended GPU/TPU
+loss.disc_start with and without the PatchGAN's work), teacher_cache (autoencoder: the
+step on cached L_sp targets, `teacher.cache_outputs`, against the one running the VFM), xla_flags (the recommended GPU/TPU
 flags, re-run in a child process). `--disc_phase=before` times the autoencoder step the
 trainer runs before loss.disc_start (default: after it, the full program).
 `--data_only` times the grain input pipeline alone (gae_jax/benchmark/data.py).
@@ -100,6 +101,9 @@ def switches(stage: str, platform: str) -> dict:
     # Both rows time a step before disc_start: without / with the discriminator's work.
     out["skip_disc"] = [("on", {"loss.skip_disc_before_start": True, PHASE: "before"}),
                         ("off", {"loss.skip_disc_before_start": False, PHASE: "before"})]
+    # on: the step reads cached L_sp targets (no VFM / teacher forward); off: runs them
+    out["teacher_cache"] = [("on", {"teacher.cache_outputs": True}),
+                            ("off", {"teacher.cache_outputs": False})]
   if platform in ("gpu", "tpu"):
     out["xla_flags"] = [("recommended", "env"), ("none", "noenv")]
   return out

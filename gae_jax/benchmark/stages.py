@@ -270,13 +270,27 @@ def autoencoder_bench(config, opts: Options) -> Bench:
   """Stage 2: the GAE step (generator + discriminator update, LPIPS, L_sp)."""
   from gae_jax.trainers import autoencoder as ae  # pylint: disable=g-import-not-at-top
   s = ae.Setup(config)
-  frozen = ae.load_frozen(config, s.mesh)
+  cached = bool(config.teacher.get("cache_outputs", False))
+  uncached = config
+  if cached:  # the targets below are random: no cache (nor a fixed-crop source) is needed
+    uncached = config.copy_and_resolve_references()
+    uncached.teacher.cache_outputs = False
+  frozen = ae.load_frozen(uncached, s.mesh)
   notes = []
   align = config.loss.get("sp_align", "latent")
   if "teacher" not in frozen and opts.teacher != "none" and align == "latent":
     frozen = {**frozen, "teacher": synthetic_teacher(config, s.mesh, opts.teacher)}
     notes.append(f"L_sp teacher: synthesised ({frozen['teacher'].spec.backend.name}, random "
                  "weights; --teacher=none drops it)")
+  if cached and "teacher" in frozen:
+    # teacher.cache_outputs: the trainer's step on batch["sp_target"], no VFM / teacher.
+    sem = frozen.pop("teacher")
+    shape = jax.eval_shape(ae.sp_target, _abstract(sem), jax.ShapeDtypeStruct(
+        (config.batch_size, config.data.image_size, config.data.image_size, 3),
+        jnp.float32)).shape
+    s.sp_targets = ("(benchmark: random targets)", tuple(shape[1:]))
+    notes.append(f"teacher.cache_outputs: the L_sp target {tuple(shape[1:])} comes with the "
+                 "batch; no VFM / teacher forward in the step")
   if opts.disc_phase not in ("before", "after"):
     raise ValueError(f"--disc_phase={opts.disc_phase!r}; choose from before, after")
   # The program trainers/autoencoder.py Setup.step_fn runs in that phase.
@@ -291,6 +305,9 @@ def autoencoder_bench(config, opts: Options) -> Bench:
   b, size = config.batch_size, config.data.image_size
   batch = {"image": images(b, size, s.data_sharding),
            "label": labels(b, 1000, s.data_sharding)}
+  if s.sp_targets is not None:
+    batch["sp_target"] = jax.device_put(np.random.default_rng(3).standard_normal(
+        (b, *s.sp_targets[1])).astype(np.float32), s.data_sharding)
   gae = flops_lib.gae_model(s.model, size)
   lp = flops_lib.lpips(size)
   disc = flops_lib.patchgan(size, config.loss.disc_ndf, config.loss.disc_layers)
@@ -328,6 +345,7 @@ def autoencoder_bench(config, opts: Options) -> Bench:
                      "image_size": size, "frozen_dtype": dtype_name(common.frozen_dtype(config)),
                      "disc_dtype": dtype_name(ae.disc_dtype(config)),
                      "disc_phase": opts.disc_phase, "skip_disc_before_start": skip,
+                     "teacher_cache_outputs": s.sp_targets is not None,
                      "remat": m.remat, "scan": bool(m.scan),
                      "attention_impl": m.get("attention_impl"),
                      "donate": bool(config.get("donate", True))})
