@@ -246,7 +246,7 @@ def _better(key: str, a: list[float], b: list[float]) -> bool | None:
   """Is b better than a on `key` (means)? None when either is missing."""
   if not a or not b:
     return None
-  return (np.mean(b) - np.mean(a)) * METRICS[key][1] > 0
+  return bool((np.mean(b) - np.mean(a)) * METRICS[key][1] > 0)
 
 
 def _word(ok: bool | None) -> str:
@@ -316,6 +316,13 @@ def write_doc(results: dict, floor: dict | None, figs: dict, doc: str, fig_rel: 
       f"{prov['minutes']:.0f} compute minutes recorded over all commands (wall clock of "
       "each command, summed; up to two commands ran at once on a shared 2-core CPU machine "
       "with load ~15).",
+      "",
+      "Rows finished: " + (", ".join(f"`{n}`" for n in VARIANTS if results.get(n)) or "none")
+      + "; not finished: " + (", ".join(f"`{n}`" for n in VARIANTS if not results.get(n))
+                              or "none") + ". Finish them with `python scripts/"
+      "pae_small_scale_reproduction.py --out=<the same dir> --variants=<those>` (resumes "
+      "unfinished training from its last checkpoint), then rerun with `--variants=` to "
+      "rewrite this page.",
       "",
       "## Setup",
       "",
@@ -466,11 +473,12 @@ def write_doc(results: dict, floor: dict | None, figs: dict, doc: str, fig_rel: 
              (("ssc", 3), ("lpc", 4), ("gsq", 3), ("erank_ratio", 3), ("psnr", 2),
               ("lpips", 3), ("rfid", 1), ("gfid", 1), ("precision", 2), ("recall", 2))]
     lines.append(f"| {VARIANTS[n][1]} | " + " | ".join(cells) + " |")
-  pa, ga = results.get("all"), results.get("gae")
+  pae_name = "all" if results.get("all") else "none"
+  pa, ga = results.get(pae_name), results.get("gae")
   if pa and ga:
     wins = {k: _better(k, _vals(ga, k), _vals(pa, k))
             for k in ("ssc", "lpc", "gsq", "psnr", "gfid")}
-    lines += ["", "PAE (all three) better than the GAE on: "
+    lines += ["", f"{VARIANTS[pae_name][1]} better than the GAE on: "
               + (", ".join(METRICS[k][0] for k, v in wins.items() if v) or "none of them")
               + "; worse on: " + (", ".join(METRICS[k][0] for k, v in wins.items()
                                              if v is False) or "none")
@@ -494,6 +502,9 @@ def write_doc(results: dict, floor: dict | None, figs: dict, doc: str, fig_rel: 
       "- SSC uses SLIC superpixels of each 64 px crop (8 segments), not COCO panoptic labels, "
       "so it measures agreement with colour-coherent regions, not objects.",
       "- FIDs on 64-176 images are strongly biased upward; compare them within a table only.",
+      "- LPC is lowest for a decoder that ignores its input (a constant decoder scores 0): "
+      "read it together with PSNR; a low LPC at a low PSNR is an insensitive decoder, not a "
+      "smooth manifold.",
       "- The random-weight VFM (above) is the main reason any row may disagree with the "
       "paper: the regularisers are run as specified, their targets are not DINOv2's.",
       "",
