@@ -315,7 +315,7 @@ def write_doc(results: dict, floor: dict | None, figs: dict, doc: str, fig_rel: 
       f"Run: commit {prov['commit'][:7]}, {prov['date']}, jax {prov['jax']}; "
       f"{prov['minutes']:.0f} compute minutes recorded over all commands (wall clock of "
       "each command, summed; up to two commands ran at once on a shared 2-core CPU machine "
-      "with load ~15).",
+      "under load from other jobs).",
       "",
       "Rows finished: " + (", ".join(f"`{n}`" for n in VARIANTS if results.get(n)) or "none")
       + "; not finished: " + (", ".join(f"`{n}`" for n in VARIANTS if not results.get(n))
