@@ -40,6 +40,7 @@ def pae_config(refine_dir):
   _tiny_vfm(c)
   c.loss.disc_start = 1          # step 0 without, steps 1.. with the GAN
   c.loss.disc_layers, c.loss.disc_ndf = 2, 8
+  c.loss.mcr.lpips = True        # the paper's MCR terms (runlocal keeps them L1 only)
   c.total_steps = 3
   c.log_every = c.image_every = c.ckpt_every = 1
   return c
@@ -82,7 +83,7 @@ def test_pae_run_logs_every_term_and_resumes_to_the_same_state(runs):
   for k in ("loss", "l1", "lpips", "g_loss", "d_loss", "ssr", "mcr", "mcr_l1", "mcr_lpips",
             "scr", "scr_global", "scr_patch", "val/psnr"):
     assert np.isfinite(m[k]), k
-  assert m["mcr"] > 0 and m["d_loss"] > 0
+  assert m["mcr"] > 0 and m["mcr_lpips"] > 0 and m["d_loss"] > 0
   assert os.path.exists(os.path.join(w, "images", "recon_0000003.png"))
   cfg = json.load(open(os.path.join(w, "config.json")))
   assert cfg["stage"] == "pae" and cfg["model"]["variant"] == "mu"

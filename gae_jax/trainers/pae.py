@@ -216,7 +216,8 @@ def train_step(state: common.TrainState, batch: dict, frozen: dict, *, model, di
       total = total + lc.ssr_weight * ssr
       terms["ssr"] = ssr
     if angles:
-      mcr, mterms = losses.mcr_loss(x_r, xs[1:], lpips_fn, lpips_weight=lc.lpips_weight,
+      mcr, mterms = losses.mcr_loss(x_r, xs[1:], lpips_fn if lc.mcr.get("lpips", True)
+                                    else None, lpips_weight=lc.lpips_weight,
                                     chain=lc.mcr.chain)
       total = total + lc.mcr_weight * mcr
       terms.update(mcr=mcr, **mterms)
