@@ -21,6 +21,7 @@ import contextlib
 import logging as std_logging
 import os
 import time
+import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 from absl import flags
@@ -83,6 +84,25 @@ class ConsoleFormatter(std_logging.Formatter):
     return f"{stamp} {msg}"
 
 
+_warned_at: set = set()             # (file, line) of Python warnings already shown
+
+
+def show_warning_once(message, category, filename, lineno, file=None, line=None):
+  """`warnings.showwarning` for the quiet console: one line per warning site.
+
+  Python repeats a warning whose text changes (an eigenvalue, a count) at every call; the
+  console shows the first one from each (file, line) as `WARNING: Category: text (file:line)`
+  through the logging handler and drops the rest (`--verbosity` shows them all).
+  """
+  del file, line
+  if (filename, lineno) in _warned_at:
+    return
+  _warned_at.add((filename, lineno))
+  root = std_logging.getLogger()
+  root.handle(root.makeRecord("py.warnings", std_logging.WARNING, filename, lineno,
+                              f"{category.__name__}: {message}", None, None))
+
+
 def setup() -> Optional[str]:
   """The CLI's logging and compilation cache (see the module docstring); returns the cache dir.
 
@@ -93,6 +113,7 @@ def setup() -> Optional[str]:
     if not any(isinstance(f, QuietFilter) for f in handler.filters):
       handler.addFilter(QuietFilter())
     handler.setFormatter(ConsoleFormatter())
+    warnings.showwarning = show_warning_once
   return compilation_cache()
 
 

@@ -84,3 +84,32 @@ def test_compilation_cache_respects_user_dir_then_env(monkeypatch, tmp_path):
   finally:
     jax.config.update("jax_compilation_cache_dir", before[0])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def test_python_warnings_show_once_per_site_as_one_line(monkeypatch):
+  import warnings  # pylint: disable=g-import-not-at-top
+  records = []
+
+  class Keep(logging.Handler):
+    def emit(self, record):
+      records.append(record)
+
+  keep = Keep()
+  logging.getLogger().addHandler(keep)
+  monkeypatch.setattr(console, "_warned_at", set())
+  monkeypatch.setattr(warnings, "showwarning", console.show_warning_once)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("always")
+      warnings.showwarning = console.show_warning_once
+      for i in range(3):      # one site, changing text: Python would print all three
+        warnings.warn(f"near-singular, min eigenvalue {i}e-15", UserWarning)
+      warnings.warn("another site", RuntimeWarning)
+  finally:
+    logging.getLogger().removeHandler(keep)
+  lines = [console.ConsoleFormatter().format(r).split(" ", 1)[1] for r in records]
+  assert len(lines) == 2, lines
+  assert lines[0].startswith("WARNING: UserWarning: near-singular, min eigenvalue 0e-15 (")
+  assert lines[0].endswith(f"test_console.py:{records[0].lineno})")
+  assert "\n" not in lines[0]
+  assert lines[1].startswith("WARNING: RuntimeWarning: another site")
