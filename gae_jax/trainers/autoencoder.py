@@ -495,23 +495,12 @@ class Setup:
     (None: the full program; False: the one for steps before loss.disc_start)."""
     step = functools.partial(train_step, model=self.model, disc=self.disc, lpips=self.lpips,
                              config=self.config, disc_active=disc_active)
-    size = self.config.data.image_size
-    batch = {"image": jax.ShapeDtypeStruct((self.config.batch_size, size, size, 3),
-                                           jnp.float32, sharding=self.data_sharding),
-             "label": jax.ShapeDtypeStruct((self.config.batch_size,), jnp.int32,
-                                           sharding=self.data_sharding)}
+    batch = common.image_batch_abstract(self)
     if self.sp_targets is not None:
       batch["sp_target"] = jax.ShapeDtypeStruct(
           (self.config.batch_size, *self.sp_targets[1]), jnp.float32,
           sharding=self.data_sharding)
-    frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
-    frozen_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                              frozen)
-    return common.compile_step(
-        step, self.state_shardings, (self.data_sharding, frozen_sh),
-        sharding_lib.replicated(self.mesh), (self.abstract_state, batch, frozen_abs),
-        self.mesh, donate=self.config.get("donate", True) if donate is None else donate,
-        rules=self.rules, return_lowered=return_lowered)
+    return common.compile_frozen_step(self, step, batch, frozen, donate, return_lowered)
 
   def step_fn(self, frozen, start_step: int):
     """(state, batch) -> (state, metrics) for the loop, from host step `start_step` on.
@@ -552,13 +541,7 @@ class Setup:
         seed=self.config.seed, sp_targets=self.sp_targets[0] if self.sp_targets else None)
 
   def eval_batch(self):
-    """A fixed validation batch (same images every time) as global arrays."""
-    n_dev = self.data_sharding.mesh.size  # a multiple of every batch-shard count
-    n = max(n_dev, (self.config.num_eval_images // n_dev) * n_dev)
-    it = pipeline.make_iterator(self.config.data, split="val",
-                                batch_size=n // jax.process_count(), seed=0, shuffle=False,
-                                repeat=True, drop_remainder=True)
-    return sharding_lib.to_global(next(iter(it)), self.data_sharding)
+    return common.fixed_eval_batch(self)
 
 
 def init_from_pretrained(state, setup: "Setup", path: str):

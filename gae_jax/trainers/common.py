@@ -9,7 +9,7 @@ init or restore -> AOT-compiled step -> loop with metrics, image grids and check
 import json
 import signal
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 from flax import struct
@@ -25,6 +25,7 @@ from gae_jax import console
 from gae_jax import metrics as metrics_lib
 from gae_jax import paths
 from gae_jax import sharding as sharding_lib
+from gae_jax.data import pipeline
 
 
 @struct.dataclass
@@ -186,6 +187,41 @@ def compile_step(step_fn, state_shardings, in_shardings_rest, out_metrics_shardi
     except Exception:  # memory_analysis is unsupported on some backends
       pass
   return (compiled, lowered) if return_lowered else compiled
+
+
+def image_batch_abstract(setup) -> dict:
+  """The train step's abstract image batch: {"image": (B, H, W, 3) float32, "label": (B,)
+  int32}, global batch B = config.batch_size, sharded like setup.data_sharding."""
+  b, size = setup.config.batch_size, setup.config.data.image_size
+  return {"image": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32,
+                                        sharding=setup.data_sharding),
+          "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=setup.data_sharding)}
+
+
+def compile_frozen_step(setup, step_fn, batch: dict, frozen, donate: Optional[bool] = None,
+                        return_lowered: bool = False):
+  """compile_step for `step_fn(state, batch, frozen)`: the frozen networks' tree is a
+  non-donated argument laid out as it already is; donate (the state) defaults to
+  config.donate."""
+  frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
+  frozen_abs = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), frozen)
+  return compile_step(
+      step_fn, setup.state_shardings, (setup.data_sharding, frozen_sh),
+      sharding_lib.replicated(setup.mesh), (setup.abstract_state, batch, frozen_abs),
+      setup.mesh, donate=setup.config.get("donate", True) if donate is None else donate,
+      rules=setup.rules, return_lowered=return_lowered)
+
+
+def fixed_eval_batch(setup) -> dict:
+  """A fixed validation batch (the same images every call) as global arrays: the largest
+  multiple of the device count <= config.num_eval_images (at least one per device)."""
+  n_dev = setup.data_sharding.mesh.size   # a multiple of every batch-shard count
+  n = max(n_dev, (setup.config.num_eval_images // n_dev) * n_dev)
+  it = pipeline.make_iterator(setup.config.data, split="val",
+                              batch_size=n // jax.process_count(), seed=0, shuffle=False,
+                              repeat=True, drop_remainder=True)
+  return sharding_lib.to_global(next(iter(it)), setup.data_sharding)
 
 
 def write_config(config, workdir: str):

@@ -30,7 +30,7 @@ workdir's config.json states `stage: "pae"` and the model fields, so a loader re
 import dataclasses
 import functools
 import os
-from typing import Any, Optional
+from typing import Optional
 
 from absl import logging
 import flax.linen as nn
@@ -321,19 +321,7 @@ class Setup:
     """AOT-compiled train_step; donate (the state) defaults to config.donate."""
     step = functools.partial(train_step, model=self.model, disc=self.disc, lpips=self.lpips,
                              vfm=self.vfm, refined=self.refined, config=self.config)
-    size = self.config.data.image_size
-    batch = {"image": jax.ShapeDtypeStruct((self.config.batch_size, size, size, 3),
-                                           jnp.float32, sharding=self.data_sharding),
-             "label": jax.ShapeDtypeStruct((self.config.batch_size,), jnp.int32,
-                                           sharding=self.data_sharding)}
-    frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
-    frozen_abs = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), frozen)
-    return common.compile_step(
-        step, self.state_shardings, (self.data_sharding, frozen_sh),
-        sharding_lib.replicated(self.mesh), (self.abstract_state, batch, frozen_abs),
-        self.mesh, donate=self.config.get("donate", True) if donate is None else donate,
-        rules=self.rules)
+    return common.compile_frozen_step(self, step, common.image_batch_abstract(self), frozen, donate)
 
   def eval_fn(self):
     return sharding_lib.with_mesh_rules(
@@ -345,13 +333,7 @@ class Setup:
                                   batch_size=self.per_process_batch, seed=self.config.seed)
 
   def eval_batch(self):
-    """A fixed validation batch (same images every time) as global arrays."""
-    n_dev = self.data_sharding.mesh.size
-    n = max(n_dev, (self.config.num_eval_images // n_dev) * n_dev)
-    it = pipeline.make_iterator(self.config.data, split="val",
-                                batch_size=n // jax.process_count(), seed=0, shuffle=False,
-                                repeat=True, drop_remainder=True)
-    return sharding_lib.to_global(next(iter(it)), self.data_sharding)
+    return common.fixed_eval_batch(self)
 
 
 COMPRESSOR_PATH = ("compressor",)

@@ -214,26 +214,11 @@ class Setup:
       return jax.jit(lambda: nn.meta.unbox(self.init_fn()),
                      out_shardings=self.state_shardings)()
 
-  def _batch_abstract(self):
-    size = self.config.data.image_size
-    return {"image": jax.ShapeDtypeStruct((self.config.batch_size, size, size, 3),
-                                          jnp.float32, sharding=self.data_sharding),
-            "label": jax.ShapeDtypeStruct((self.config.batch_size,), jnp.int32,
-                                          sharding=self.data_sharding)}
-
   def compile_train_step(self, frozen, donate: Optional[bool] = None):
     """AOT-compiled train_step; donate (the state) defaults to config.donate."""
     step = functools.partial(train_step, model=self.model, backend=self.backend,
                              config=self.config)
-    frozen_sh = jax.tree.map(lambda a: a.sharding, frozen)
-    frozen_abs = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), frozen)
-    return common.compile_step(
-        step, self.state_shardings, (self.data_sharding, frozen_sh),
-        sharding_lib.replicated(self.mesh), (self.abstract_state, self._batch_abstract(),
-                                             frozen_abs), self.mesh,
-        donate=self.config.get("donate", True) if donate is None else donate,
-        rules=self.rules)
+    return common.compile_frozen_step(self, step, common.image_batch_abstract(self), frozen, donate)
 
   def eval_fn(self):
     return sharding_lib.with_mesh_rules(
@@ -248,13 +233,7 @@ class Setup:
                                   batch_size=self.per_process_batch, seed=self.config.seed)
 
   def eval_batch(self):
-    """A fixed validation batch (same images every time) as global arrays."""
-    n_dev = self.data_sharding.mesh.size
-    n = max(n_dev, (self.config.num_eval_images // n_dev) * n_dev)
-    it = pipeline.make_iterator(self.config.data, split="val",
-                                batch_size=n // jax.process_count(), seed=0, shuffle=False,
-                                repeat=True, drop_remainder=True)
-    return sharding_lib.to_global(next(iter(it)), self.data_sharding)
+    return common.fixed_eval_batch(self)
 
 
 def write_teacher_json(workdir: str, fields: dict) -> str:
