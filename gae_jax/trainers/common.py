@@ -7,6 +7,7 @@ init or restore -> AOT-compiled step -> loop with metrics, image grids and check
 """
 
 import json
+import os
 import signal
 import threading
 from typing import Any, Callable, Optional
@@ -222,6 +223,35 @@ def fixed_eval_batch(setup) -> dict:
                               batch_size=n // jax.process_count(), seed=0, shuffle=False,
                               repeat=True, drop_remainder=True)
   return sharding_lib.to_global(next(iter(it)), setup.data_sharding)
+
+
+def reconstruction_evaluator(workdir: str, eval_fn, eval_batch: dict, frozen):
+  """The autoencoders' periodic eval: `evaluate(step, state, writer) -> metrics`.
+
+  eval_fn(params, batch, frozen) -> (x_hat, metrics) on the generator's EMA params (else the
+  params); writes val/* scalars, an original|reconstruction PNG grid
+  (<workdir>/images/recon_<step>.png, process 0) and one console line.
+  """
+
+  def evaluate(step, state, writer):
+    params = state.ema_params if state.ema_params is not None else state.params["generator"]
+    x_hat, em = eval_fn(params, eval_batch, frozen)
+    em = {f"val/{k}": v for k, v in host_metrics(em).items()}
+    writer.write_scalars(step, em)
+    originals = metrics_lib.to_uint8(to_host_images(eval_batch["image"]))
+    recons = metrics_lib.to_uint8(to_host_images(x_hat))
+    pairs = np.stack([originals, recons], 1).reshape(-1, *originals.shape[1:])
+    png = os.path.join(workdir, "images", f"recon_{step:07d}.png")
+    if jax.process_index() == 0:
+      grid = metrics_lib.image_grid(pairs, ncols=8)
+      metrics_lib.save_png(png, grid)
+      writer.write_images(step, {"reconstructions": grid})
+    logging.info("eval step %d: val psnr %.2f dB  l1 %.4f  lpips %.4f on %d images; "
+                 "original|reconstruction pairs in %s", step, em["val/psnr"], em["val/l1"],
+                 em["val/lpips"], len(originals), png)
+    return em
+
+  return evaluate
 
 
 def write_config(config, workdir: str):

@@ -40,7 +40,6 @@ import ml_collections
 import numpy as np
 
 from gae_jax import losses
-from gae_jax import metrics as metrics_lib
 from gae_jax import sharding as sharding_lib
 from gae_jax.data import pipeline
 from gae_jax.models import discriminator as disc_lib
@@ -452,23 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_fn = s.eval_fn()
   eval_batch = s.eval_batch()
 
-  def evaluate(step, state, writer):
-    params = state.ema_params if state.ema_params is not None else state.params["generator"]
-    x_hat, em = eval_fn(params, eval_batch, frozen)
-    em = {f"val/{k}": v for k, v in common.host_metrics(em).items()}
-    writer.write_scalars(step, em)
-    originals = metrics_lib.to_uint8(common.to_host_images(eval_batch["image"]))
-    recons = metrics_lib.to_uint8(common.to_host_images(x_hat))
-    pairs = np.stack([originals, recons], 1).reshape(-1, *originals.shape[1:])
-    png = os.path.join(workdir, "images", f"recon_{step:07d}.png")
-    if jax.process_index() == 0:
-      grid = metrics_lib.image_grid(pairs, ncols=8)
-      metrics_lib.save_png(png, grid)
-      writer.write_images(step, {"reconstructions": grid})
-    logging.info("eval step %d: val psnr %.2f dB  l1 %.4f  lpips %.4f on %d images; "
-                 "original|reconstruction pairs in %s", step, em["val/psnr"], em["val/l1"],
-                 em["val/lpips"], len(originals), png)
-    return em
+  evaluate = common.reconstruction_evaluator(workdir, eval_fn, eval_batch, frozen)
 
   return common.run_loop(
       config, workdir, state=state, step_fn=lambda st, b: compiled(st, b, frozen),
