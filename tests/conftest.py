@@ -38,13 +38,33 @@ def devices8():
   return devs[:8]
 
 
+def _default_to_loadgroup(config) -> bool:
+  """`-n N` given and `--dist` not: xdist has already set `dist = "load"` by now."""
+  args = [str(a) for a in config.invocation_params.args]
+  return bool(getattr(config.option, "numprocesses", None)) and config.option.dist == "load" \
+      and not any(a == "-d" or a.startswith("--dist") for a in args)
+
+
 @pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config):
+def pytest_configure(config):
   """`-n N` without `--dist` -> `--dist loadgroup` (files marked `xdist_group` stay on one
-  worker). Here rather than in addopts, which would break `-p no:xdist` runs."""
-  if (config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None)
-      and config.option.dist == "no"):
+  worker). Here rather than in addopts, which would break `-p no:xdist` runs.
+
+  The controller's scheduler reads `dist`; each worker re-parses the command line (so sees
+  no `--dist`) and needs `option.loadgroup` to tag its node ids with their group, which the
+  controller hands it through `workerinput` (pytest_configure_node below)."""
+  worker = getattr(config, "workerinput", None)
+  if worker is not None:
+    if worker.get("gae_jax_loadgroup"):
+      config.option.loadgroup = True
+  elif _default_to_loadgroup(config):
     config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+  """xdist (controller side), before a worker starts."""
+  node.workerinput["gae_jax_loadgroup"] = node.config.option.dist == "loadgroup"
 
 
 # file name -> xdist group: files with one expensive module fixture read by several tests
@@ -64,3 +84,41 @@ def pytest_collection_modifyitems(config, items):
     group = SHARED_FIXTURE_FILES.get(item.path.name)
     if group and not any(True for _ in item.iter_markers("xdist_group")):
       item.add_marker(pytest.mark.xdist_group(group))
+
+
+# GAE_JAX_TEST_COMPILE_REPORT=FILE: every test's XLA compile seconds in this process (a module
+# fixture counts toward the test that builds it), one JSON line per test appended to FILE at
+# the end of the session; children (`python -m gae_jax.main`, jax.distributed workers) are
+# not seen. For finding what to share or shrink when the suite gets slow.
+_COMPILE_REPORT = os.environ.get("GAE_JAX_TEST_COMPILE_REPORT", "")
+_compile_seconds: dict[str, list[float]] = {}
+_current_test = ["<collection>"]
+
+if _COMPILE_REPORT:
+  import json
+  import time
+
+  from jax import monitoring
+
+  def _on_duration(event, duration, **kwargs):
+    del kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      _compile_seconds.setdefault(_current_test[0], [0.0, 0.0, 0])[0] += duration
+      _compile_seconds[_current_test[0]][2] += 1
+
+  monitoring.register_event_duration_secs_listener(_on_duration)
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    del nextitem
+    _current_test[0] = item.nodeid
+    t0 = time.perf_counter()
+    yield
+    _compile_seconds.setdefault(item.nodeid, [0.0, 0.0, 0])[1] += time.perf_counter() - t0
+
+  def pytest_sessionfinish(session, exitstatus):
+    del session, exitstatus
+    with open(_COMPILE_REPORT, "a") as f:
+      for nodeid, (compile_s, wall_s, n) in _compile_seconds.items():
+        f.write(json.dumps(dict(test=nodeid, compile_s=round(compile_s, 2),
+                                wall_s=round(wall_s, 2), compiles=n)) + "\n")
