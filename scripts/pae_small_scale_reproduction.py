@@ -4,7 +4,9 @@ Trains, with the `runlocal` configs (CPU minutes each):
   0. stage 0 `pae_refine` once (configs/pae_refine.py:runlocal): the SSR / SCR targets;
   1. tiny PAE tokenizers (configs/pae_d32.py:runlocal,refine=<stage 0>) for the rows of PAE's
      Tab. 2(a) (shared/PAE_SPEC.md §6): none / +SSR / +MCR / +SCR / all three, the weights
-     set by --config.loss.{ssr,mcr,scr}_weight (0 or the paper's 0.2 / 0.5 / 1.0);
+     set by --config.loss.{ssr,mcr,scr}_weight: 0, or on (SSR 0.2 and SCR 1.0 as the paper;
+     MCR at runlocal's 0.05 with L1-only terms, read from the frozen config: at the paper's 0.5
+     the tiny model does not learn, ~13 dB and two-colour patches);
   2. a GAE (configs/gae_l32.py:runlocal, lambda_sp = 1 with its runlocal teacher) on the same
      budget: PAE's step count and batch, and PAE's GAN start (no GAN within either run);
 then evaluates every tokenizer through `tokenizer=PATH` with the `manifold` eval kind (SSC,
@@ -35,9 +37,7 @@ import argparse
 import datetime
 import importlib.util
 import json
-import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -68,6 +68,12 @@ CACHE_CFG, DIT_CFG, EVAL_GEN_CFG = ssr.CACHE_CFG, ssr.DIT_CFG, ssr.EVAL_GEN_CFG
 
 # The paper's weights (PAE_SPEC §3): lambda_ssr 0.2, lambda_mcr 0.5, lambda_scr 1.0.
 PAPER_WEIGHTS = {"ssr": 0.2, "mcr": 0.5, "scr": 1.0}
+
+
+def on_weights() -> dict:
+  """A regulariser's weight when its row turns it on: the paper's for SSR and SCR, runlocal's
+  (frozen config) for MCR, whose paper weight stops the tiny model learning."""
+  return dict(PAPER_WEIGHTS, mcr=ssr.PINNING["snapshot"][PAE_CFG]["loss.mcr_weight"])
 # name -> (regularisers on, label). `gae` is the GAE on the same budget.
 VARIANTS = {
     "none": ((), "PAE, no regulariser"),
@@ -126,8 +132,8 @@ def train_variant(name: str, seed: int, out: str, smoke: bool) -> str:
     flags["teacher.init_from"] = train_teacher(out, smoke)
     cmd = ssr._main_cmd(GAE_CFG, workdir, flags)
   else:
-    flags = {"seed": seed, **{f"loss.{r}_weight": (PAPER_WEIGHTS[r] if r in regs else 0.0)
-                              for r in PAPER_WEIGHTS}, **_budget_flags(smoke)}
+    flags = {"seed": seed, **{f"loss.{r}_weight": (w if r in regs else 0.0)
+                              for r, w in on_weights().items()}, **_budget_flags(smoke)}
     refine = os.path.join(out, "refine")
     cmd = ssr._main_cmd(PAE_CFG, workdir, flags, f"refine={refine}")
   if not ssr._finished(workdir):
@@ -335,8 +341,13 @@ def write_doc(results: dict, floor: dict | None, figs: dict, doc: str, fig_rel: 
       f"- PAE: `{PAE_CFG},refine=<stage 0>` - `{pae['model.variant']}` DAM / decoder, "
       f"{pae['data.image_size']} px, d = {pae['model.latent_dim']}, {pae['total_steps']} "
       f"steps at batch {pae['batch_size']}, GAN from step {pae['loss.disc_start']} (none "
-      "within the run), compressor started from P_t; regulariser weights 0 or the paper's "
-      "(SSR 0.2, MCR 0.5 at 42.5 / 85 degrees cascaded, SCR 1.0).",
+      "within the run), compressor started from P_t, lr "
+      f"{pae['optim.lr']:g}, lambda_lpips {pae['loss.lpips_weight']:g}. Regulariser weights "
+      f"0 or on: SSR {on_weights()['ssr']:g} and SCR {on_weights()['scr']:g} as the paper, "
+      f"MCR {on_weights()['mcr']:g} (paper 0.5) at 42.5 / 85 degrees cascaded with "
+      + ("LPIPS + L1" if pae["loss.mcr.lpips"] else "L1-only") + " terms: with the paper's "
+      "0.5 the tiny model stays near 13 dB with two-colour patches (a run of this script "
+      "with the paper's MCR weight, before the runlocal retune).",
       f"- GAE on the same budget: `{GAE_CFG}` with lambda_sp = 1 (its runlocal teacher, "
       f"`{TEACHER_CFG}`, VGG16 relu5_3 features) and sigma_std = {gae['model.sigma_std']:g}, "
       f"trained for PAE's {pae['total_steps']} steps at batch {pae['batch_size']} with "
