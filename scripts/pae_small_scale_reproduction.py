@@ -6,7 +6,7 @@ Trains, with the `runlocal` configs (CPU minutes each):
      Tab. 2(a) (shared/PAE_SPEC.md §6): none / +SSR / +MCR / +SCR / all three, the weights
      set by --config.loss.{ssr,mcr,scr}_weight: 0, or on (SSR 0.2 and SCR 1.0 as the paper;
      MCR at runlocal's 0.05 with L1-only terms, read from the frozen config: at the paper's 0.5
-     the tiny model does not learn, ~13 dB and two-colour patches);
+     the tiny model does not learn, 12.7 dB and two-colour patches);
   2. a GAE (configs/gae_l32.py:runlocal, lambda_sp = 1 with its runlocal teacher) on the same
      budget: PAE's step count and batch, and PAE's GAN start (no GAN within either run);
 then evaluates every tokenizer through `tokenizer=PATH` with the `manifold` eval kind (SSC,
@@ -345,9 +345,10 @@ def write_doc(results: dict, floor: dict | None, figs: dict, doc: str, fig_rel: 
       f"{pae['optim.lr']:g}, lambda_lpips {pae['loss.lpips_weight']:g}. Regulariser weights "
       f"0 or on: SSR {on_weights()['ssr']:g} and SCR {on_weights()['scr']:g} as the paper, "
       f"MCR {on_weights()['mcr']:g} (paper 0.5) at 42.5 / 85 degrees cascaded with "
-      + ("LPIPS + L1" if pae["loss.mcr.lpips"] else "L1-only") + " terms: with the paper's "
-      "0.5 the tiny model stays near 13 dB with two-colour patches (a run of this script "
-      "with the paper's MCR weight, before the runlocal retune).",
+      + ("LPIPS + L1" if pae["loss.mcr.lpips"] else "L1-only") + " terms. With the paper's "
+      "0.5 (LPIPS + L1 terms) the tiny model does not learn: an earlier run of this script "
+      "(the pre-retune runlocal: lr 2e-3, lambda_lpips 1) gave the all-three row 12.7 dB "
+      "and two-colour patches.",
       f"- GAE on the same budget: `{GAE_CFG}` with lambda_sp = 1 (its runlocal teacher, "
       f"`{TEACHER_CFG}`, VGG16 relu5_3 features) and sigma_std = {gae['model.sigma_std']:g}, "
       f"trained for PAE's {pae['total_steps']} steps at batch {pae['batch_size']} with "

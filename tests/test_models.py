@@ -207,8 +207,8 @@ def test_dit_and_discriminator_default_init_is_the_release():
   from gae_jax.models import discriminator  # pylint: disable=g-import-not-at-top
   model = dit_lib.make_dit("mu/1", in_channels=8, num_classes=11)
   x = jnp.zeros((1, 8, 8, 8))
-  p = common.nn.meta.unbox(model.init(jax.random.key(0), x, jnp.zeros((1,)),
-                                      jnp.zeros((1,), jnp.int32)))["params"]
+  p = common.nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x, jnp.zeros((1,)),
+                                               jnp.zeros((1,), jnp.int32)))["params"]
   qkv = np.asarray(p["blocks_0"]["attn"]["qkv"]["kernel"]).reshape(64, -1)
   bound = np.sqrt(6 / (64 + qkv.shape[1]))                      # xavier on (64, 192)
   assert bound * 0.9 < np.abs(qkv).max() <= bound + 1e-7
@@ -220,7 +220,7 @@ def test_dit_and_discriminator_default_init_is_the_release():
   emb = np.asarray(p["y_embedder"]["embedding_table"]["embedding"])
   np.testing.assert_allclose(emb.std(), 0.02, rtol=0.15)
   disc = discriminator.NLayerDiscriminator(ndf=16, n_layers=2)
-  v = disc.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  v = jax.jit(lambda k: disc.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(jax.random.key(0))
   dp = v["params"]
   k1 = np.asarray(dp["conv1"]["kernel"])                        # (4, 4, 16, 32)
   np.testing.assert_allclose(k1.std(), 0.02, rtol=0.05)

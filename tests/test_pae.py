@@ -12,6 +12,7 @@ Tolerance: max |z_jax - z_ref| and |x_jax - x_ref| <= 1e-4 (float32 JAX vs float
 ~1e-5 on z, ~1e-5 on images in [-1, 1]).
 """
 
+import functools
 import math
 import os
 
@@ -168,8 +169,9 @@ def _init(fusion, norm_type="per-token", seed=0):
   g, p = 4, 7
   x = jax.random.normal(k1, (2, g * p, g * p, 3))
   h = 3.0 * jax.random.normal(k2, (2, g * g, model.width)) + 1.0
-  params = model.init(k3, x, h)["params"]
-  z, aux = model.apply({"params": params}, x, h, method="encode")
+  # jitted: one program each instead of ~100 op-by-op compiles (the suite's time is compiling)
+  params = jax.jit(model.init)(k3, x, h)["params"]
+  z, aux = jax.jit(functools.partial(model.apply, method="encode"))({"params": params}, x, h)
   return model, params, x, h, z, aux
 
 
@@ -228,7 +230,8 @@ def test_a_pae_training_workdir_opens_like_the_trainer_reconstructs(tmp_path):
   frozen = {"vfm": pae_common.load_vfm_variables(vfm)}
   model = pae_trainer.build_model(config, vfm)
   s, n = vfm.image_size, vfm.grid * vfm.grid
-  params = model.init(jax.random.key(3), jnp.zeros((1, s, s, 3)), jnp.zeros((1, n, vfm.width)))
+  params = jax.jit(model.init)(jax.random.key(3), jnp.zeros((1, s, s, 3)),
+                               jnp.zeros((1, n, vfm.width)))
   params = jax.tree.map(np.asarray, nn.meta.unbox(params["params"]))
   # a trained-looking decoder: the zero-initialised fusion and CLS would hide layout errors
   params = jax.tree.map(lambda a: a + 0.02 * np.random.default_rng(a.size).standard_normal(
@@ -240,7 +243,8 @@ def test_a_pae_training_workdir_opens_like_the_trainer_reconstructs(tmp_path):
         {"step": np.zeros((), np.int32), "params": {"generator": params}})))
     mngr.wait_until_finished()
   images = _images(n=2, seed=4)
-  want = pae_trainer.reconstruct(params, jnp.asarray(images), frozen, model=model, vfm=vfm)
+  want = jax.jit(functools.partial(pae_trainer.reconstruct, model=model, vfm=vfm))(
+      params, jnp.asarray(images), frozen)
   handle = pretrained.open_tokenizer(os.fspath(tmp_path))   # dispatches to load_pae
   assert isinstance(handle, pae_tokenizer.PAEHandle)
   assert handle.image_size == config.data.image_size and handle.latent_shape == (8, 8, 32)
