@@ -31,6 +31,10 @@ def tiny_config(**overrides):
   c.total_steps = 2
   c.log_every = c.image_every = c.ckpt_every = 1
   c.num_eval_images = 8
+  # A constant lr: total_steps is then not baked into the step, so a rerun with more steps
+  # (test_train_resume_...) loads the first run's programs from the test compile cache.
+  for opt in (c.optim, c.disc_optim):
+    opt.schedule, opt.warmup_steps = "constant", 0
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")
@@ -192,7 +196,9 @@ TINY_CLI = ["--config=configs/gae_l32.py:runlocal,latent_dim=8", "--config.data.
             "--config.loss.disc_start=0", "--config.loss.disc_ndf=8",
             "--config.total_steps=2", "--config.log_every=1",
             "--config.image_every=2", "--config.ckpt_every=2", "--config.num_eval_images=8",
-            "--config.loss.sp_weight=0"]   # no teacher: the lambda_sp = 0 run, explicitly
+            "--config.loss.sp_weight=0",   # no teacher: the lambda_sp = 0 run, explicitly
+            "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
+            "--config.disc_optim.schedule=constant", "--config.disc_optim.warmup_steps=0"]
 LIBRARY_CHATTER = ("orbax", "Closing", "could not be restored", "Unable to initialize backend",
                    "examples on process", "CheckpointManager")
 
