@@ -6,6 +6,7 @@ loaded. Restores go into ShapeDtypeStructs that carry the *current* run's shardi
 checkpoint written on one mesh restores onto any other.
 """
 
+import functools
 from typing import Any, Optional, Sequence
 
 from absl import logging
@@ -23,9 +24,7 @@ def _read_only_options() -> ocp.CheckpointManagerOptions:
                                       cleanup_tmp_directories=False)
 
 
-_CPU_ARRAY_HANDLER = []
-
-
+@functools.cache
 def _use_whole_replica_saves_on_cpu():
   """On the CPU backend, saves each array from one replica instead of orbax's default
   replica-parallel slices.
@@ -37,10 +36,9 @@ def _use_whole_replica_saves_on_cpu():
   model with 8 fake devices. TPU and GPU keep orbax's default. Registered once, for
   jax.Array in orbax's global type-handler registry.
   """
-  if _CPU_ARRAY_HANDLER or jax.default_backend() != "cpu":
-    return
-  _CPU_ARRAY_HANDLER.append(ocp.type_handlers.ArrayHandler(use_replica_parallel=False))
-  ocp.type_handlers.register_type_handler(jax.Array, _CPU_ARRAY_HANDLER[0], override=True)
+  if jax.default_backend() == "cpu":
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 class Checkpointer:

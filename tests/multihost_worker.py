@@ -19,7 +19,9 @@ import numpy as np
 
 N, SPLIT, DIM = 23, 12, 6          # process 0 holds rows [0, 12), process 1 rows [12, 23)
 SCALES = (0.0, 0.3)
-O1 = "--xla_backend_optimization_level=1"      # as tests/conftest.py sets for the suite
+# The suite's XLA flags (tests/conftest.py, inherited) other than its fake device count.
+SUITE_FLAGS = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                       if "device_count" not in f)
 
 
 def data():
@@ -64,7 +66,7 @@ def shard_batches(lo: int, hi: int, size: int = 4):
 
 
 def main(pid: int, port: str, out: str):
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 " + O1
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 " + SUITE_FLAGS
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
   import jax  # pylint: disable=g-import-not-at-top
@@ -179,7 +181,7 @@ def setups(out: str, names=("ae", "dit")):
 
 
 def train_main(pid: int, port: str, out: str, names=("ae", "dit")):
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 " + O1
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 " + SUITE_FLAGS
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
   import time  # pylint: disable=g-import-not-at-top

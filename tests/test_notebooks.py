@@ -25,7 +25,9 @@ pytest.importorskip("ipykernel")
 pytestmark = pytest.mark.xdist_group("demo")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-O1 = "--xla_backend_optimization_level=1"      # as tests/conftest.py sets for the suite
+# The suite's XLA flags (tests/conftest.py) without its 8 fake devices: one CPU device.
+ONE_DEVICE_FLAGS = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                            if "device_count" not in f)
 NOTEBOOKS = os.path.join(ROOT, "notebooks")
 NAMES = ("inspect_gae", "sample_dit")
 
@@ -34,7 +36,7 @@ NAMES = ("inspect_gae", "sample_dit")
 def demo_run(tmp_path_factory):
   """(workdir, console output) of `python -m gae_jax.main --config=configs/demo.py:tiny`."""
   workdir = str(tmp_path_factory.mktemp("demo") / "w")
-  env = dict(os.environ, XLA_FLAGS=O1, JAX_PLATFORMS="cpu")   # one device
+  env = dict(os.environ, XLA_FLAGS=ONE_DEVICE_FLAGS, JAX_PLATFORMS="cpu")
   r = subprocess.run([sys.executable, "-m", "gae_jax.main", "--config=configs/demo.py:tiny",
                       f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=1800)
@@ -144,7 +146,8 @@ def test_notebook_runs_on_the_demo_outputs(demo_run, name, tmp_path, monkeypatch
   workdir, _ = demo_run
   nb = nbformat.read(os.path.join(NOTEBOOKS, f"{name}.ipynb"), as_version=4)
   for key, value in {"GAE_JAX_DEMO": workdir, "GAE_JAX_DEMO_SIZE": "tiny", "GAE_CKPT": "",
-                     "GAE_DIT_CKPT": "", "GAE_DIT_STATS": "", "XLA_FLAGS": O1}.items():
+                     "GAE_DIT_CKPT": "", "GAE_DIT_STATS": "",
+                     "XLA_FLAGS": ONE_DEVICE_FLAGS}.items():
     monkeypatch.setenv(key, value)
   monkeypatch.delenv("MPLBACKEND", raising=False)      # the inline backend: PNG outputs
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
